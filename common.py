@@ -1,0 +1,664 @@
+"""The math and plumbing every Flow-OPD stage shares.
+
+Equation tags ((SDE), (LOGP), (KL), ...) refer to DESIGN.md and the README's equation table; each
+equation is computed here, once. Pure functions and small classes only: nothing runs at import.
+
+Conventions (diffusers' SD3): t in [0, 1] is the noise level ("sigma"), x_t = (1 - t) x_0 + t eps,
+v = eps - x_0, sampling runs t = 1 -> 0, dt = t_next - t < 0.
+"""
+import json
+import math
+import os
+import random
+import shutil
+from collections import namedtuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+SDEStep = namedtuple("SDEStep", "x_next log_prob mean std")
+Rollout = namedtuple("Rollout", "xs log_probs")
+Prompt = namedtuple("Prompt", "text task metadata")
+Dist = namedtuple("Dist", "rank world_size local_rank device is_main")
+
+
+# ----------------------------------------------------------------------------- schedule and sampler
+
+def timesteps(num_steps, shift=3.0, num_train_timesteps=1000):
+    """The sampling schedule t_0 = 1 > ... > t_N = 0, equal to FlowMatchEulerDiscreteScheduler(shift).sigmas."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    # diffusers spaces the unshifted times from 1 down to the shifted smallest training time, then shifts
+    s_min = torch.tensor(1.0 / num_train_timesteps, dtype=torch.float32)
+    s_min = (shift * s_min / (1 + (shift - 1) * s_min)).item()
+    s = torch.linspace(1.0, s_min, num_steps, dtype=torch.float64)
+    t = (shift * s / (1 + (shift - 1) * s)).float()
+    return torch.cat([t, torch.zeros(1)])
+
+
+def _per_sample(t, x):
+    """A float or Tensor[B] as a float32 tensor that broadcasts against x [B, ...]."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    return t.reshape(-1, *([1] * (x.dim() - 1))) if t.dim() else t
+
+
+def sde_sigma(t, t_next, noise_level):
+    """sigma_t = a sqrt(t / (1 - t)); at t = 1 the denominator uses t_next (Flow-GRPO).   # (SDE)"""
+    return noise_level * torch.sqrt(t / (1 - torch.where(t >= 1, t_next, t)))  # (SDE)
+
+
+def gaussian_log_prob(x, mean, std):
+    """log N(x; mean, std^2 I), averaged over all non-batch elements.   # (LOGP)"""
+    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)  # (LOGP)
+    return lp.mean(dim=tuple(range(1, x.dim())))
+
+
+def sde_step(v, x, t, t_next, noise_level, x_next=None, generator=None):
+    """One step of the SDE sampler with the ODE's marginals (SDE), and the step's log-prob (LOGP).
+
+    v, x: [B, ...]; t, t_next: float or Tensor[B]. With x_next given it is scored, not sampled.
+    noise_level 0 is the Euler ODE step (= FlowMatchEulerDiscreteScheduler.step); it has no
+    density, so log_prob is 0 there.
+    """
+    x, v = x.float(), v.float()
+    t, t_next = _per_sample(t, x), _per_sample(t_next, x)
+    dt = t_next - t
+    sigma = sde_sigma(t, t_next, noise_level)
+    mean = x * (1 + sigma**2 * dt / (2 * t)) + v * (1 + sigma**2 * (1 - t) / (2 * t)) * dt  # (SDE)
+    std = sigma * torch.sqrt(-dt)  # (SDE)
+    if noise_level == 0:
+        x_next = mean if x_next is None else x_next
+        return SDEStep(x_next, torch.zeros(x.shape[0], device=x.device), mean, std)
+    if x_next is None:
+        from diffusers.utils.torch_utils import randn_tensor
+        x_next = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)  # (SDE)
+    return SDEStep(x_next, gaussian_log_prob(x_next.float(), mean, std), mean, std)
+
+
+def kl_weight(t, t_next, noise_level):
+    """lambda_t of (KL): KL_t = lambda_t ||v_s - v_T||^2 when both policies share the step's std."""
+    dt = t_next - t
+    sigma = sde_sigma(t, t_next, noise_level)
+    return dt.abs() * (1 + sigma**2 * (1 - t) / (2 * t)) ** 2 / (2 * sigma**2)  # (KL)
+
+
+def step_kl(v_student, v_teacher, t, t_next, noise_level):
+    """Reverse KL between the student's and teacher's Gaussian SDE steps from the same x_t, Tensor[B].
+
+    Reduced like (LOGP) (mean over elements), so E_{x_next ~ pi_s}[log pi_s - log pi_T] = KL_t.
+    """
+    if noise_level <= 0:
+        raise ValueError("step_kl needs noise_level > 0: the ODE step is deterministic and has no KL")
+    diff = (v_student.float() - v_teacher.float()) ** 2
+    lam = kl_weight(_per_sample(t, diff), _per_sample(t_next, diff), noise_level)
+    return (lam * diff).mean(dim=tuple(range(1, diff.dim())))  # (KL)
+
+
+def kl_penalty(v_student, v_ref, t, t_next, noise_level):
+    """KL_t on the scale the paper's betas were tuned on, Tensor[B].
+
+    Flow-GRPO and the released Flow-OPD code divide by 2 sigma_t^2 instead of 2 std^2, i.e. their
+    KL term is |dt| KL_t; GRPO's beta 0.04 and MAR's 0.1 assume that scale.
+    """
+    diff = v_student.float()
+    dt = (_per_sample(t_next, diff) - _per_sample(t, diff)).abs().flatten()
+    return dt.expand(diff.shape[0]) * step_kl(v_student, v_ref, t, t_next, noise_level)  # (KL)
+
+
+# ----------------------------------------------------------------------------- model calls
+
+def velocity(transformer, x, t, prompt_embeds, pooled):
+    """The transformer's velocity at (x, t); t float or Tensor[B] in [0, 1] (the model sees 1000 t)."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    out = transformer(hidden_states=x.to(transformer.dtype), timestep=t * 1000, encoder_hidden_states=prompt_embeds,
+                      pooled_projections=pooled, return_dict=False)[0]
+    return out.float()
+
+
+def guided_velocity(transformer, x, t, cond, uncond, guidance_scale):
+    """Classifier-free guided velocity; one batched forward for both branches, as the SD3 pipeline does."""
+    if guidance_scale <= 1 or uncond is None:
+        return velocity(transformer, x, t, *cond)
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    embeds = torch.cat([uncond[0], cond[0]])
+    pooled = torch.cat([uncond[1], cond[1]])
+    v_u, v_c = velocity(transformer, torch.cat([x, x]), torch.cat([t, t]), embeds, pooled).chunk(2)
+    return v_u + guidance_scale * (v_c - v_u)  # (CFG)
+
+
+@torch.no_grad()
+def rollout(transformer, cond, uncond, latents, timesteps, guidance_scale, noise_level, generator=None):
+    """Sample with the SDE sampler over `timesteps` (noise_level 0: the Euler ODE, = StableDiffusion3Pipeline).
+
+    cond / uncond: (prompt_embeds, pooled_prompt_embeds), one row per latent. generator: one
+    torch.Generator or a list with one per sample (then a sample's noise does not depend on its batch).
+    Returns xs [B, T + 1, ...] (xs[:, 0] = latents) and log_probs [B, T].
+    """
+    x = latents.float()
+    xs, log_probs = [x], []
+    for i in range(len(timesteps) - 1):
+        v = guided_velocity(transformer, x, timesteps[i], cond, uncond, guidance_scale)
+        x, log_prob, _, _ = sde_step(v, x, timesteps[i], timesteps[i + 1], noise_level, generator=generator)
+        xs.append(x)
+        log_probs.append(log_prob)
+    return Rollout(torch.stack(xs, 1), torch.stack(log_probs, 1))
+
+
+# ----------------------------------------------------------------------------- flow matching
+
+def sample_train_t(batch, shift=3.0, generator=None, device=None):
+    """Training times: logit-normal, then shifted like the sampler's schedule.   # (FM)"""
+    u = torch.sigmoid(torch.randn(batch, generator=generator).to(device))  # (FM)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def add_noise(x0, noise, t):
+    """x_t = (1 - t) x_0 + t eps.   # (FM)"""
+    t = _per_sample(t, x0)
+    return (1 - t) * x0 + t * noise  # (FM)
+
+
+def fm_loss(v_pred, x0, noise):
+    """Flow matching loss || v - (eps - x_0) ||^2, mean over everything.   # (FM)"""
+    return ((v_pred.float() - (noise.float() - x0.float())) ** 2).mean()  # (FM)
+
+
+# ----------------------------------------------------------------------------- RL objectives
+
+def group_advantages(rewards, group_size, clip=5.0, eps=1e-4):
+    """Group-normalised, clipped advantages and a mask of the groups with any reward spread.   # (GRPO)
+
+    rewards: Tensor[N] laid out as consecutive groups of group_size samples of one prompt.
+    """
+    r = rewards.float().view(-1, group_size)
+    mean, std = r.mean(1, keepdim=True), r.std(1, unbiased=False, keepdim=True)
+    adv = ((r - mean) / (std + eps)).clamp(-clip, clip)  # (GRPO)
+    keep = (std > 0).expand_as(r)
+    return adv.flatten(), keep.flatten()
+
+
+def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range):
+    """PPO clipped surrogate (to minimise), plus the clip fraction and approx-KL for logging.   # (GRPO)"""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()  # (GRPO)
+    with torch.no_grad():
+        clip_frac = ((ratio - 1).abs() > clip_range).float().mean()
+        approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+    return loss, clip_frac, approx_kl
+
+
+def opd_reward(student_log_prob, teacher_log_prob):
+    """Dense per-step OPD reward: the sampled reverse KL at the action taken, negated and detached.   # (OPD)
+
+    Why sampled and not the analytic KL_t: KL_t at x_t does not depend on the action x_next, so used
+    as an advantage its expected policy gradient, E[KL_t grad log pi(x_next)] = KL_t E[grad log pi],
+    is zero. The sampled log-ratio at x_next does depend on the action (Thinking Machines' OPD).
+    """
+    return -(student_log_prob - teacher_log_prob).detach()  # (OPD)
+
+
+# ----------------------------------------------------------------------------- routing
+
+def route(tasks, teachers):
+    """Hard routing: {teacher task: indices of the prompts of that task}.   # (ROUTE)
+
+    tasks: the task of each sample; teachers: names with a teacher. A task without one is an error.
+    """
+    missing = sorted(set(tasks) - set(teachers))
+    if missing:
+        raise ValueError(f"no teacher for task(s) {missing}; teachers given: {sorted(teachers)}")
+    groups = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault(task, []).append(i)  # (ROUTE)
+    return {task: torch.tensor(idx) for task, idx in groups.items()}
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+
+def lora_config(rank=32, alpha=64, target_modules=None):
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                      target_modules=list(target_modules or LORA_TARGETS))
+
+
+def use_adapter(transformer, name):
+    """Make adapter `name` (or the base model, name None / "base") the one used in forward passes.
+
+    peft's set_adapters() makes the chosen adapter trainable and freezes the others, and
+    disable_adapters() freezes every adapter: switching to a teacher would silently change what
+    the optimizer trains. So the trainable set is recorded and restored.
+    """
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    if name in (None, "base"):
+        transformer.disable_adapters()
+    else:
+        transformer.enable_adapters()
+        transformer.set_adapters(name)
+    for p in transformer.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+
+
+def _module_names(state_dict):
+    return sorted({k.rsplit(".lora_", 1)[0] for k in state_dict if ".lora_" in k})
+
+
+def merge_loras(adapters, weights=None, rank=None):
+    """Exact merge Delta W = sum_k w_k B_k A_k of LoRAs with the scale folded into B.   # (MERGE)
+
+    adapters: dicts '<module>.lora_A.weight' [r, in], '<module>.lora_B.weight' [out, r]. Stacking the
+    ranks is exact (rank = sum of ranks); `rank` truncates each module's merged update by SVD, which
+    is the best rank-r approximation. Averaging the A's and B's separately would not be the average
+    of the updates.
+    """
+    if not adapters:
+        raise ValueError("merge_loras needs at least one adapter")
+    weights = [1.0 / len(adapters)] * len(adapters) if weights is None else list(weights)
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters")
+    modules = _module_names(adapters[0])
+    for k, adapter in enumerate(adapters[1:], 1):
+        if _module_names(adapter) != modules:
+            diff = sorted(set(_module_names(adapter)) ^ set(modules))
+            raise ValueError(f"adapter {k} targets other modules than adapter 0, e.g. {diff[:3]}")
+    merged = {}
+    for m in modules:
+        A = torch.cat([a[f"{m}.lora_A.weight"].float() for a in adapters], 0)
+        B = torch.cat([w * a[f"{m}.lora_B.weight"].float() for w, a in zip(weights, adapters)], 1)  # (MERGE)
+        if rank is not None:
+            if rank > A.shape[0]:
+                raise ValueError(f"merge rank {rank} is larger than the stacked rank {A.shape[0]} of module {m}")
+            B, A = _truncate(B, A, rank)
+        merged[f"{m}.lora_A.weight"], merged[f"{m}.lora_B.weight"] = A.contiguous(), B.contiguous()
+    return merged
+
+
+def _truncate(B, A, rank):
+    """Best rank-r factors of B @ A, through QR of the thin factors (never forms the full matrix)."""
+    qb, rb = torch.linalg.qr(B.double())
+    qa, ra = torch.linalg.qr(A.double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    root = s[:rank].sqrt()
+    return (qb @ u[:, :rank] * root).float(), (root[:, None] * vh[:rank] @ qa.T).float()
+
+
+def read_lora(path):
+    """Read a LoRA as (state dict '<module>.lora_A/B.weight', config dict with r, lora_alpha, target_modules).
+
+    path: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, keys prefixed
+    'base_model.model.', how the released Flow-GRPO teachers are stored), a diffusers LoRA folder or
+    file (pytorch_lora_weights.safetensors, keys prefixed 'transformer.'), or a hub id of either.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        if path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise FileNotFoundError(f"adapter {path!r} does not exist (expected a LoRA folder or a hub id 'owner/name')")
+        from huggingface_hub import snapshot_download
+        try:
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+        except Exception as e:
+            raise FileNotFoundError(f"adapter {path!r} is not a local folder and could not be downloaded: {e}") from None
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    peft_file = os.path.join(folder, "adapter_model.safetensors")
+    diffusers_file = path if os.path.isfile(path) else os.path.join(folder, "pytorch_lora_weights.safetensors")
+    if os.path.isdir(path) and os.path.exists(peft_file):
+        with open(os.path.join(folder, "adapter_config.json")) as f:
+            config = json.load(f)
+        state, prefix = _load_safetensors(peft_file, load_file), "base_model.model."
+    elif os.path.exists(diffusers_file):
+        state, prefix = _load_safetensors(diffusers_file, load_file), "transformer."
+        with safe_open(diffusers_file, "pt") as f:
+            meta = (f.metadata() or {}).get("lora_adapter_metadata")
+        if meta is None:
+            raise ValueError(f"{diffusers_file} has no lora_adapter_metadata: its LoRA scale (alpha) is unknown; "
+                             "save it with save_lora_weights(..., transformer_lora_adapter_metadata=...)")
+        config = {k.split(".", 1)[1] if k.startswith("transformer.") else k: v for k, v in json.loads(meta).items()}
+    else:
+        raise FileNotFoundError(f"no LoRA in {path!r}: expected adapter_model.safetensors + adapter_config.json "
+                                "(PEFT) or pytorch_lora_weights.safetensors (diffusers)")
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}
+    if not _module_names(state):
+        raise ValueError(f"{path!r} holds no LoRA weights (no '*.lora_A.weight' keys)")
+    return state, config
+
+
+def _load_safetensors(file, load_file):
+    try:
+        return load_file(file)
+    except Exception as e:
+        raise ValueError(f"cannot read {file}: {e} (a corrupt or partial download?)") from None
+
+
+def lora_scale(config):
+    """peft's scale of a LoRA update: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+
+
+def fold_scale(state, config):
+    """The same LoRA with its scale alpha / r folded into B, so Delta W = B @ A (merge_loras' form)."""
+    scale = lora_scale(config)  # rank_pattern / alpha_pattern are not used by the Flow-GRPO teachers
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("LoRAs with per-module rank_pattern/alpha_pattern are not supported")
+    return {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+
+
+def check_lora_fits(transformer, state, name):
+    """Clear error when an adapter targets modules or shapes that this transformer does not have."""
+    modules = dict(transformer.named_modules())
+    for m in _module_names(state):
+        base = modules.get(m)
+        base = getattr(base, "base_layer", base)
+        if base is None or not hasattr(base, "weight"):
+            raise ValueError(f"adapter {name!r} targets module {m!r}, which this model does not have: "
+                             "is the adapter for another base model?")
+        a, b = state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"]
+        if a.shape[1] != base.weight.shape[1] or b.shape[0] != base.weight.shape[0]:
+            raise ValueError(f"adapter {name!r} module {m!r} has shape {tuple(b.shape[:1]) + tuple(a.shape[1:])}, "
+                             f"the model's is {tuple(base.weight.shape)}: is the adapter for another base model?")
+
+
+def add_lora_from_state(transformer, name, state, config):
+    """Attach a LoRA given as a state dict + config under adapter name `name`."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    check_lora_fits(transformer, state, name)
+    ranks = {state[f"{m}.lora_A.weight"].shape[0] for m in _module_names(state)}
+    if len(ranks) != 1 or config["r"] not in ranks:
+        raise ValueError(f"adapter {name!r}: config rank {config['r']} but weights have ranks {sorted(ranks)}")
+    targets = sorted({m.rsplit(".", 1)[-1] if not m.endswith("to_out.0") else "to_out.0" for m in _module_names(state)})
+    transformer.add_adapter(LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=targets,
+                                       use_rslora=bool(config.get("use_rslora"))), name)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if unexpected:
+        raise ValueError(f"adapter {name!r}: weights not loaded into the model: {unexpected[:3]}")
+
+
+def load_lora(transformer, path, name):
+    """Load a LoRA (PEFT folder, diffusers folder/file or hub id) as adapter `name` on transformer."""
+    state, config = read_lora(path)
+    add_lora_from_state(transformer, name, state, config)
+
+
+def save_lora(transformer, name, out_dir):
+    """Save adapter `name` so that StableDiffusion3Pipeline.load_lora_weights(out_dir) loads it at its scale."""
+    from peft.utils import get_peft_model_state_dict
+    write_lora(get_peft_model_state_dict(transformer, adapter_name=name), transformer.peft_config[name].to_dict(), out_dir)
+
+
+def write_lora(state, config, out_dir):
+    """Write a LoRA state dict + config as a diffusers LoRA folder (the metadata keeps lora_alpha)."""
+    from diffusers import StableDiffusion3Pipeline
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in dict(config).items()}
+    StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=state,
+                                               transformer_lora_adapter_metadata=config)
+
+
+# ----------------------------------------------------------------------------- pipeline and prompts
+
+def model_defaults(model):
+    """Per-model defaults the toy world stores beside its pipeline (flow_opd.json); SD3.5-M has none."""
+    path = os.path.join(model, "flow_opd.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def load_pipeline(model, device="cpu", dtype=torch.float32):
+    """A frozen StableDiffusion3Pipeline from a local diffusers folder or a hub id (--model)."""
+    from diffusers import StableDiffusion3Pipeline
+    kwargs = {}
+    if os.path.isdir(model):
+        index = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index):
+            raise ValueError(f"--model {model!r} is a folder but not a diffusers pipeline (no model_index.json)")
+        with open(index) as f:
+            cls = json.load(f).get("_class_name", "")
+        if not cls.startswith("StableDiffusion3"):
+            raise ValueError(f"--model {model!r} is a {cls or 'unknown'} pipeline; expected a StableDiffusion3Pipeline")
+        if not os.path.isdir(os.path.join(model, "text_encoder_3")):
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)  # saved without T5 (the toy world)
+    elif os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ValueError(f"--model {model!r}: no such diffusers folder (expected a folder with model_index.json "
+                         "or a hub id like 'stabilityai/stable-diffusion-3.5-medium')")
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {model!r} could not be loaded as a StableDiffusion3Pipeline: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if part is not None:
+            part.requires_grad_(False)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts, max_sequence_length=256, device=None):
+    """(cond, uncond) = ((prompt_embeds, pooled), (negative_embeds, negative_pooled)); negative = ""."""
+    embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=True,
+        negative_prompt=[""] * len(prompts), max_sequence_length=max_sequence_length)
+    return (embeds, pooled), (neg_embeds, neg_pooled)
+
+
+def initial_latents(pipe, resolution, generators, device):
+    """x_1 ~ N(0, I) in the pipeline's latent shape, one generator per sample."""
+    channels = pipe.transformer.config.in_channels
+    size = resolution // pipe.vae_scale_factor
+    from diffusers.utils.torch_utils import randn_tensor
+    return randn_tensor((len(generators), channels, size, size), generator=list(generators), device=device,
+                        dtype=torch.float32)
+
+
+@torch.no_grad()
+def decode(pipe, latents):
+    """Latents -> images, float [B, 3, H, W] in [0, 1]."""
+    vae = pipe.vae
+    x = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    image = vae.decode(x.to(vae.dtype), return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def sample_generators(seed, step, indices):
+    """One CPU generator per global sample index, seeded from (seed, step, index).
+
+    A sample's prompt and noise then do not depend on how many ranks share the batch.
+    """
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, int(i)]).generate_state(1)[0]))
+            for i in indices]
+
+
+def load_prompts(root, tasks, split="train"):
+    """Prompts from Flow-GRPO's dataset layout, each carrying its task: list of Prompt(text, task, metadata).
+
+    <root>/<task>/<split>_metadata.jsonl (GenEval: rows with prompt, tag, include, ...) or
+    <root>/<task>/<split>.txt (one prompt a line).
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data-root {root!r} does not exist; expected Flow-GRPO's dataset/ layout "
+                                f"(<root>/<task>/{split}.txt or {split}_metadata.jsonl)")
+    known = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    prompts = []
+    for task in tasks:
+        folder = os.path.join(root, task)
+        if task not in known:
+            raise ValueError(f"unknown task {task!r}: {root!r} has tasks {known}")
+        jsonl, txt = os.path.join(folder, f"{split}_metadata.jsonl"), os.path.join(folder, f"{split}.txt")
+        if os.path.isfile(jsonl):
+            with open(jsonl) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            found = [Prompt(row["prompt"], task, row) for row in rows]
+        elif os.path.isfile(txt):
+            with open(txt) as f:
+                found = [Prompt(line.strip(), task, {}) for line in f if line.strip()]
+        else:
+            raise FileNotFoundError(f"task {task!r} has no {split} prompts: expected {txt} or {jsonl}")
+        if not found:
+            raise ValueError(f"task {task!r}: {jsonl if os.path.isfile(jsonl) else txt} holds no prompts")
+        prompts.extend(found)
+    return prompts
+
+
+def parse_tasks(spec, root):
+    """--tasks: comma-separated names, or 'all' for every task folder under the data root."""
+    if spec == "all":
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data-root {root!r} does not exist")
+        return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    return [t for t in spec.split(",") if t]
+
+
+# ----------------------------------------------------------------------------- distributed, logging, checkpoints
+
+def setup_distributed(device=None, threads=None):
+    """DDP under torchrun (nccl on GPU, gloo on CPU), or a single plain-python process."""
+    if threads:
+        torch.set_num_threads(threads)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank, device, rank == 0)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather(tensor):
+    """Concatenate a tensor's rows from every rank (identity on one process)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_mean(value, device):
+    """Mean of a float over ranks (identity on one process)."""
+    t = torch.tensor(float(value), device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.item()
+
+
+class MetricsLogger:
+    """Rank 0 appends one JSON object per step to <out>/metrics.jsonl; on resume, rows past the
+    checkpoint's step are dropped so the file reads like one uninterrupted run."""
+
+    def __init__(self, out_dir, enabled=True, resume_step=None):
+        self.path, self.enabled = os.path.join(out_dir, "metrics.jsonl"), enabled
+        if enabled and resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(rows)
+
+    def log(self, row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(folder):
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_checkpoint(out_dir, step, transformer, adapter_name, state):
+    """Atomically write <out>/checkpoint-<step>/ (LoRA + state.pt), then point <out>/latest at it.
+
+    Written to a temporary folder, fsynced and renamed, so a crash never leaves a half checkpoint
+    where --resume auto would pick it up.
+    """
+    final = os.path.join(out_dir, f"checkpoint-{step}")
+    tmp = os.path.join(out_dir, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_lora(transformer, adapter_name, tmp)
+    torch.save({"step": step, "rng": rng_state(), **state}, os.path.join(tmp, "state.pt"))
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    pointer = os.path.join(out_dir, "latest.tmp")
+    with open(pointer, "w") as f:
+        f.write(os.path.basename(final))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer, os.path.join(out_dir, "latest"))
+    return final
+
+
+def find_checkpoint(resume, out_dir):
+    """--resume: 'auto' (newest complete checkpoint in out_dir, or None), or a checkpoint folder."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        pointer = os.path.join(out_dir, "latest")
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                path = os.path.join(out_dir, f.read().strip())
+            if os.path.isfile(os.path.join(path, "state.pt")):
+                return path
+        done = [d for d in os.listdir(out_dir) if d.startswith("checkpoint-")] if os.path.isdir(out_dir) else []
+        done = [d for d in done if os.path.isfile(os.path.join(out_dir, d, "state.pt"))]
+        return os.path.join(out_dir, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
+    if not os.path.isfile(os.path.join(resume, "state.pt")):
+        raise FileNotFoundError(f"--resume {resume!r} is not a checkpoint folder (no state.pt); "
+                                "pass a <out>/checkpoint-N folder or 'auto'")
+    return resume
+
+
+def load_checkpoint_state(path):
+    return torch.load(os.path.join(path, "state.pt"), weights_only=False)
+
+
+def check_finite(value, what, out_dir):
+    """Stop with a clear message (the last good checkpoint is kept) when a loss or KL is NaN/inf."""
+    if not math.isfinite(float(value)):
+        raise FloatingPointError(f"{what} is {float(value)}: stopping. The last good checkpoint in {out_dir!r} "
+                                 "is intact; resume from it with --resume auto (consider a lower --lr).")
+
+
+def save_grid(images, path, nrow):
+    """Save float images [B, 3, H, W] in [0, 1] as one PNG grid with `nrow` images per row."""
+    from PIL import Image
+    b, _, h, w = images.shape
+    rows = math.ceil(b / nrow)
+    grid = torch.ones(3, rows * h, nrow * w)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)

@@ -662,3 +662,66 @@ def save_grid(images, path, nrow):
         r, c = divmod(i, nrow)
         grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+# ----------------------------------------------------------------------------- shared command-line flags
+
+def add_model_args(parser, model="stabilityai/stable-diffusion-3.5-medium"):
+    """Flags every stage shares. Sizes default to None = the model's own (SD3.5-M: 512 px, 256 T5 tokens)."""
+    parser.add_argument("--model", default=model, help="diffusers SD3 folder or hub id")
+    parser.add_argument("--resolution", type=int, default=None, help="image size in px (default: 512, or the toy's)")
+    parser.add_argument("--max-sequence-length", type=int, default=None,
+                        help="T5 tokens in encode_prompt; training and sampling must agree (default: 256, or the toy's)")
+    parser.add_argument("--shift", type=float, default=3.0, help="schedule shift of FlowMatchEulerDiscreteScheduler")
+    parser.add_argument("--device", default=None, help="default: cuda:<local rank> if available, else cpu")
+    parser.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 under torchrun)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def resolve_model_args(args):
+    """Fill the size flags left at None from the model's flow_opd.json (toy) or SD3.5-M's defaults."""
+    defaults = model_defaults(args.model) if os.path.isdir(args.model) else {}
+    if args.resolution is None:
+        args.resolution = defaults.get("resolution", 512)
+    if args.max_sequence_length is None:
+        args.max_sequence_length = defaults.get("max_sequence_length", 256)
+    if args.threads is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        args.threads = 1
+    return args
+
+
+def autocast(device, mixed_precision):
+    """torch.autocast for bf16/fp16 (None = bf16 on GPU, fp32 on CPU); a no-op context for fp32."""
+    import contextlib
+    precision = mixed_precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def check_positive(**values):
+    """One clear error for sizes that must be positive integers (batch sizes, steps, ...)."""
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+@torch.no_grad()
+def generate(pipe, texts, generators, steps=40, guidance_scale=4.5, resolution=512, max_sequence_length=256,
+             shift=3.0, batch_size=16, noise_level=0.0, device="cpu", return_latents=False):
+    """Images for `texts` with the transformer's active adapter; the evaluation protocol by default
+    (ODE = the Euler sampler of StableDiffusion3Pipeline, CFG). One generator per text fixes its noise.
+    Returns float images [N, 3, H, W] in [0, 1] (and the final latents when return_latents)."""
+    images, finals = [], []
+    for i in range(0, len(texts), batch_size):
+        chunk, gens = texts[i:i + batch_size], generators[i:i + batch_size]
+        cond, uncond = encode_prompts(pipe, chunk, max_sequence_length, device)
+        latents = initial_latents(pipe, resolution, gens, device)
+        x = rollout(pipe.transformer, cond, uncond, latents, timesteps(steps, shift), guidance_scale, noise_level,
+                    generator=gens).xs[:, -1]
+        finals.append(x)
+        images.append(decode(pipe, x).cpu())
+    images = torch.cat(images)
+    return (images, torch.cat(finals)) if return_latents else images

@@ -725,3 +725,18 @@ def generate(pipe, texts, generators, steps=40, guidance_scale=4.5, resolution=5
         images.append(decode(pipe, x).cpu())
     images = torch.cat(images)
     return (images, torch.cat(finals)) if return_latents else images
+
+
+def parse_teachers(spec):
+    """--teachers 'task=adapter,task=adapter' -> {task: adapter}; adapter = LoRA folder/file, hub id or 'base'."""
+    teachers = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        task, sep, adapter = item.partition("=")
+        if not sep or not task or not adapter:
+            raise ValueError(f"--teachers item {item!r}: expected task=adapter (e.g. ocr=out/teacher-ocr/final)")
+        if task in teachers:
+            raise ValueError(f"--teachers names task {task!r} twice")
+        teachers[task] = adapter
+    if not teachers:
+        raise ValueError("--teachers is empty: expected task=adapter,...")
+    return teachers

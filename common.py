@@ -181,15 +181,11 @@ def group_advantages(rewards, group_size, clip=5.0, eps=1e-4):
 
 
 def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range):
-    """PPO clipped surrogate (to minimise), plus the clip fraction and approx-KL for logging.   # (GRPO)"""
+    """PPO clipped surrogate per sample (to minimise), whether each sample's ratio was clipped, and the
+    approx-KL 0.5 (log rho)^2 per sample; callers reduce, so a loss can be a mean over all ranks.   # (GRPO)"""
     ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()  # (GRPO)
-    with torch.no_grad():
-        clip_frac = ((ratio - 1).abs() > clip_range).float().mean()
-        approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
-    return loss, clip_frac, approx_kl
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))  # (GRPO)
+    return loss, ((ratio - 1).abs() > clip_range).detach(), (0.5 * (log_prob - old_log_prob) ** 2).detach()
 
 
 def opd_reward(student_log_prob, teacher_log_prob):
@@ -473,7 +469,7 @@ def sample_generators(seed, step, indices):
 
     A sample's prompt and noise then do not depend on how many ranks share the batch.
     """
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, int(i)]).generate_state(1)[0]))
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**32, step % 2**32, int(i) % 2**32]).generate_state(1)[0]))
             for i in indices]
 
 
@@ -740,3 +736,64 @@ def parse_teachers(spec):
     if not teachers:
         raise ValueError("--teachers is empty: expected task=adapter,...")
     return teachers
+
+
+def average_gradients(params):
+    """Sum the LoRA gradients over ranks. Each rank's loss is already divided by the GLOBAL sample
+    count, so the sum is the gradient of the global mean: the same update as one process."""
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+def broadcast_params(params):
+    """Start every rank from rank 0's trainable weights."""
+    if dist.is_initialized():
+        for p in params:
+            dist.broadcast(p.data, 0)
+
+
+def restore_lora(transformer, name, path):
+    """Load the LoRA weights saved in a checkpoint folder into the existing adapter `name`."""
+    from peft.utils import set_peft_model_state_dict
+    state, _ = read_lora(path)
+    set_peft_model_state_dict(transformer, state, adapter_name=name)
+
+
+def step_prompts(num_prompts, batch_size, seed, step):
+    """The global batch of prompt indices of a training step, a function of (seed, step) only."""
+    rng = np.random.default_rng([seed, step])
+    return rng.choice(num_prompts, batch_size, replace=num_prompts < batch_size)
+
+
+def local_slice(n, rank, world_size, what="samples per step"):
+    """This rank's contiguous share of n global items (n must divide evenly)."""
+    if n % world_size:
+        raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({world_size})")
+    per = n // world_size
+    return slice(rank * per, (rank + 1) * per)
+
+
+def parse_rewards(spec, tasks):
+    """--reward: one spec for every task ('ocr', 'deqa:0.4,pickscore:0.6'), or per task
+    ('geneval=toy_geneval;ocr=toy_ocr'); default None = each task's reward named like the task."""
+    if spec is None:
+        return {t: t for t in tasks}
+    if "=" not in spec:
+        return {t: spec for t in tasks}
+    per_task = dict(item.split("=", 1) for item in spec.split(";") if item)
+    missing = sorted(set(tasks) - set(per_task))
+    if missing:
+        raise ValueError(f"--reward gives no reward for task(s) {missing}; it names {sorted(per_task)}")
+    return per_task
+
+
+def score(reward_fns, images, prompts):
+    """Each sample scored by its own task's reward function -> float Tensor[B]."""
+    out = torch.zeros(len(prompts))
+    for task in sorted({p.task for p in prompts}):
+        idx = [i for i, p in enumerate(prompts) if p.task == task]
+        values = reward_fns[task](images[idx], [prompts[i].text for i in idx], [prompts[i].metadata for i in idx])
+        out[idx] = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    return out

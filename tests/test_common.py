@@ -180,10 +180,10 @@ def test_group_advantages_match_numpy():
 def test_ppo_clip_loss_is_the_clipped_surrogate():
     lp, old = torch.tensor([0.0, 0.01, -0.01, 0.0]), torch.zeros(4)
     adv = torch.tensor([1.0, 1.0, -1.0, -2.0])
-    loss, clip_frac, _ = common.ppo_clip_loss(lp, old, adv, clip_range=1e-3)
-    ratio = torch.exp(lp)
-    expected = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 1e-3, 1 + 1e-3)).mean()
-    assert torch.allclose(loss, expected) and clip_frac.item() == 0.5
+    loss, clipped, _ = common.ppo_clip_loss(lp, old, adv, clip_range=1e-3)
+    # by hand: ratio 1.01 > 1 + eps with A > 0 is capped; ratio 0.99 with A < 0 is capped at 1 - eps
+    expected = torch.tensor([-1.0, -1.001, 0.999, 2.0])
+    assert torch.allclose(loss, expected) and clipped.tolist() == [False, True, True, False]
 
 
 def test_route_splits_a_mixed_batch_per_teacher():

@@ -1,0 +1,417 @@
+"""Reward functions of Flow-GRPO / Flow-OPD, one small function each, selected by name.
+
+    fn = rewards.load("ocr")                          # or "deqa:0.4,pickscore:0.6" (weighted sum)
+    r = fn(images, prompts, metadata=None)            # np.ndarray [B] of float, the training reward
+    rows = fn.details(images, prompts, metadata)      # list of B dicts, for evaluate.py
+
+images: a list of PIL images, a uint8 array/tensor [B, H, W, 3], or a float tensor [B, 3, H, W]
+in [0, 1] (diffusers' output_type="pt"). `load` converts them once with `as_uint8`, and every
+reward function in REWARDS is called as f(images_uint8 [B, H, W, 3], prompts, metadata).
+A reward function returns either an array of B rewards or a dict of per-image columns with at
+least "reward"; `fn.columns(images, prompts, metadata)` returns those columns for the batch and
+`fn.details` turns them into one dict per image:
+
+    name        reward (what fn returns)               other keys in fn.details rows
+    ocr         1 - min(lev, len) / len, in [0, 1]     text (recognised), target
+    pickscore   PickScore logit / 26                   raw (the logit, ~21-23 on SD3.5-M)
+    geneval     partial-credit score in [0, 1]         correct (bool, GenEval's criterion), tag
+    deqa        DeQA-Score / 5, in [0, 1]              raw (DeQA-Score, 1-5)
+    jpeg        -(JPEG size in kB at quality 95) / 500 kb
+    toy_*       toy.reward_* (the toy world)           -
+    a:wa,b:wb   wa * a + wb * b                        a, b (component rewards), a.<key>, b.<key>
+
+Bad input raises instead of scoring: an OCR prompt with no "quoted" text, an unknown name, a
+malformed blend, a reward server that is down or answers nonsense (RewardServerError).
+
+Configuration (keyword arguments of `load`, else environment variables):
+    pickscore   processor=, model= (PICKSCORE_PROCESSOR, PICKSCORE_MODEL), device=
+    geneval     url= (GENEVAL_URL), batch_size=16, timeout=120, attempts=3, backoff=1
+    deqa        url= (DEQA_URL), same options
+A keyword goes to each component of a blend that accepts it.
+
+Reward server protocol (geneval, deqa; `reward_server.py` serves any reward of this module):
+POST <url>, JSON body {"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [dict, ...]},
+answer 200 with JSON {"scores": [float, ...], ...}: one score per image; any other list of the
+same length is a per-image column (GenEval: "correct": [bool], "tags": [str]). JSON only: nothing
+from the network is ever unpickled. `remote(url)` is the client for any such server.
+"""
+import base64
+import functools
+import http.client
+import inspect
+import io
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+from PIL import Image
+
+
+def as_uint8(images):
+    """Images in any of the accepted forms -> np.uint8 [B, H, W, 3]."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        if images and isinstance(images[0], Image.Image):
+            return np.stack([np.asarray(im.convert("RGB")) for im in images])
+        images = np.stack([np.asarray(im) for im in images])
+    if hasattr(images, "detach"):  # torch tensor, without importing torch here
+        images = images.detach().cpu()
+        images = images.float().numpy() if images.is_floating_point() else images.numpy()
+    images = np.asarray(images)
+    if images.ndim != 4 or 3 not in (images.shape[1], images.shape[-1]):
+        raise ValueError(f"expected images [B, H, W, 3] or [B, 3, H, W], got shape {images.shape}")
+    if images.shape[-1] != 3:
+        images = images.transpose(0, 2, 3, 1)
+    if images.dtype == np.uint8:
+        return np.ascontiguousarray(images)
+    if np.issubdtype(images.dtype, np.floating):
+        if images.size and images.min() < -0.01:
+            # [-1, 1] images would be silently clipped into wrong rewards
+            raise ValueError("float images must be in [0, 1] (diffusers output_type='pt')")
+        return (images * 255).round().clip(0, 255).astype(np.uint8)  # as Flow-GRPO rounds
+    raise ValueError(f"images must be uint8 or float, got {images.dtype}")
+
+
+def paper_average(geneval, ocr, pickscore, deqa):
+    """The paper's table "Average": mean(GenEval, OCR, DeQA / 5, PickScore / 26)."""
+    return (geneval + ocr + deqa / 5 + pickscore / 26) / 4
+
+
+def jpeg(images, prompts, metadata):
+    """Flow-GRPO's jpeg_compressibility: smaller files are better."""
+    kb = np.array([_jpeg_bytes(im) / 1000 for im in images])
+    return {"reward": -kb / 500, "kb": kb}
+
+
+def _jpeg_bytes(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return buffer.tell()
+
+
+def ocr_target(prompt):
+    """The text to render: between the first pair of double quotes, lowercased, no spaces."""
+    match = re.search(r'"([^"]*)"', prompt)
+    target = _normalise(match.group(1)) if match else ""
+    if not target:
+        # a silent 0 would hide a prompt set routed to the wrong reward
+        raise ValueError(f'OCR reward needs the text to render in double quotes, got prompt {prompt!r}')
+    return target
+
+
+def _normalise(text):
+    return text.lower().replace(" ", "")
+
+
+def levenshtein(a, b):
+    """Edit distance (insertions, deletions, substitutions), one row at a time."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def ocr_score(recognised, target):
+    """Flow-GRPO's OCR reward on normalised strings: 1 if the target occurs, else 1 - lev / len."""
+    if target in recognised:
+        return 1.0
+    return 1.0 - min(levenshtein(recognised, target), len(target)) / len(target)
+
+
+def reading_order(result):
+    """Join RapidOCR's boxes as a person reads: lines top to bottom, boxes left to right.
+
+    A box joins the current line when its vertical centre lies inside the line's first box, so
+    slightly tilted words stay on one line. Reading order (rather than the best over all line
+    orders) rewards the layout the prompt implies and costs one edit distance per image."""
+    boxes = sorted(result or [], key=lambda r: min(p[1] for p in r[0]))
+    lines = []
+    for box in boxes:
+        ys = [p[1] for p in box[0]]
+        centre = (min(ys) + max(ys)) / 2
+        if lines and lines[-1][0] <= centre <= lines[-1][1]:
+            lines[-1][2].append(box)
+        else:
+            lines.append((min(ys), max(ys), [box]))
+    return "".join(r[1] for _, _, line in lines for r in sorted(line, key=lambda r: min(p[0] for p in r[0])))
+
+
+@functools.lru_cache(maxsize=None)
+def _ocr_engine():
+    from rapidocr_onnxruntime import RapidOCR  # ships its ONNX models in the wheel: offline
+
+    return RapidOCR()
+
+
+def ocr(images, prompts, metadata):
+    targets = [ocr_target(p) for p in prompts]  # before the slow part: bad prompts fail fast
+    engine = _ocr_engine()
+    texts = []
+    for image in images:
+        # RapidOCR reads arrays as OpenCV's BGR; no angle classifier, as Flow-GRPO (use_angle_cls=False)
+        result, _ = engine(np.ascontiguousarray(image[..., ::-1]), use_cls=False)
+        texts.append(_normalise(reading_order(result)))
+    return {"reward": np.array([ocr_score(t, g) for t, g in zip(texts, targets)]), "text": texts, "target": targets}
+
+
+def pickscore(processor=None, model=None, device=None, batch_size=32):
+    """PickScore = logit_scale.exp() * cos(image, text) of PickScore_v1; the reward is that / 26."""
+    processor = processor or os.environ.get("PICKSCORE_PROCESSOR", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    model = model or os.environ.get("PICKSCORE_MODEL", "yuvalkirstain/PickScore_v1")
+    processor, model = _pickscore_model(processor, model, device)
+
+    def logits(images, prompts):
+        import torch
+
+        pixels = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")["pixel_values"]
+        text = processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        with torch.no_grad():
+            image_emb = _embedding(model.get_image_features(pixel_values=pixels.to(model.device)))
+            text_emb = _embedding(model.get_text_features(**{k: v.to(model.device) for k, v in text.items()}))
+            cos = torch.nn.functional.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
+            return (model.logit_scale.exp().float() * cos).cpu().double().numpy()
+
+    def score(images, prompts, metadata):
+        # chunks bound activation memory when a trainer scores a whole epoch of rollouts at once
+        raw = np.concatenate([logits(images[i:i + batch_size], prompts[i:i + batch_size])
+                              for i in range(0, len(images), batch_size)])
+        return {"reward": raw / 26, "raw": raw}
+
+    return score
+
+
+@functools.lru_cache(maxsize=None)
+def _pickscore_model(processor, model, device):
+    # cached: a trainer and its evaluation share one copy of the 1B-parameter model
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return AutoProcessor.from_pretrained(processor), AutoModel.from_pretrained(model).eval().to(device)
+
+
+def _embedding(output):
+    # transformers >= 5 returns a model output whose pooler_output is the projected embedding
+    return output.pooler_output if hasattr(output, "pooler_output") else output
+
+
+class RewardServerError(RuntimeError):
+    pass
+
+
+def encode_png(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")  # lossless, unlike Flow-GRPO's JPEG
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_png(text):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text)), formats=["PNG"]).convert("RGB"))
+
+
+# per-image columns travel under these names in the protocol; all others keep their names
+WIRE_NAMES = {"reward": "scores", "tag": "tags"}
+COLUMN_NAMES = {v: k for k, v in WIRE_NAMES.items()}
+
+
+def remote(url, batch_size=16, timeout=120.0, attempts=3, backoff=1.0, score_range=None, required=()):
+    """Reward function (images_uint8, prompts, metadata) -> columns, scored by the server at url.
+
+    Batches of batch_size images; connection errors, timeouts (seconds per socket operation) and
+    HTTP 5xx are retried, `attempts` tries in all, waiting backoff * 2^k seconds in between; an
+    answer is checked before it becomes a reward (count, finite numbers in score_range, required
+    columns); an HTTP 4xx or a nonsense answer is not retried: it would not change."""
+    # direct connections: reward servers sit next to the trainer, not behind http_proxy
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def post(body):
+        error = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(backoff * 2 ** (attempt - 1))
+            try:
+                request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+                with opener.open(request, timeout=timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as e:
+                error = f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
+                if 400 <= e.code < 500:  # our request is wrong: retrying cannot help
+                    break
+            except (OSError, http.client.HTTPException) as e:  # refused, unreachable, timed out, cut off
+                error = repr(getattr(e, "reason", e))
+        raise RewardServerError(f"reward server {url} failed after {attempt + 1} attempt(s): {error}")
+
+    def score(images, prompts, metadata):
+        metadata = metadata or [{} for _ in prompts]
+        columns = {"reward": []}
+        for i in range(0, len(images), batch_size):
+            n = len(images[i:i + batch_size])
+            body = json.dumps({"images": [encode_png(im) for im in images[i:i + batch_size]],
+                               "prompts": list(prompts[i:i + batch_size]),
+                               "metadata": list(metadata[i:i + batch_size])}).encode()
+            for name, values in _check_response(post(body), n, url, score_range, required).items():
+                columns.setdefault(name, []).extend(values)
+        columns["reward"] = np.array(columns["reward"], dtype=np.float64)
+        return columns
+
+    return score
+
+
+def _check_response(raw, n, url, score_range, required):
+    """The server's answer -> per-image columns, or RewardServerError saying what is wrong."""
+    def fail(why):
+        raise RewardServerError(f"reward server {url} sent a bad response: {why}")
+
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        fail(f"not JSON: {raw[:200]!r}")
+    if not isinstance(answer, dict) or not isinstance(answer.get("scores"), list):
+        fail(f'expected a JSON object with a "scores" list, got {str(answer)[:200]}')
+    columns = {COLUMN_NAMES.get(k, k): v for k, v in answer.items() if isinstance(v, list)}
+    for name, values in columns.items():
+        if len(values) != n:
+            fail(f'"{WIRE_NAMES.get(name, name)}" has {len(values)} entries for {n} images')
+    for s in columns["reward"]:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            fail(f"score {s!r} is not a finite number")
+        if score_range and not score_range[0] <= s <= score_range[1]:
+            fail(f"score {s} outside {list(score_range)}")
+    for name in required:
+        if WIRE_NAMES.get(name, name) not in answer:
+            fail(f'missing "{WIRE_NAMES.get(name, name)}"')
+    if "correct" in columns and not all(isinstance(c, bool) for c in columns["correct"]):
+        fail('"correct" must be a list of true/false')
+    return columns
+
+
+def _server_url(url, variable):
+    url = url or os.environ.get(variable)
+    if not url:
+        raise ValueError(f"no reward server: set {variable}=http://host:port or pass url=")
+    return url
+
+
+def geneval(url=None, batch_size=16, timeout=120.0, attempts=3, backoff=1.0):
+    """GenEval (object detector + CLIP colour check) behind a reward server: partial-credit
+    score in [0, 1] for training, plus GenEval's own correct/tag per image for evaluation."""
+    return remote(_server_url(url, "GENEVAL_URL"), batch_size, timeout, attempts, backoff,
+                  score_range=(0, 1), required=("correct", "tag"))
+
+
+def deqa(url=None, batch_size=16, timeout=120.0, attempts=3, backoff=1.0):
+    """DeQA-Score behind a reward server. The server sends DeQA / 5 (Flow-GRPO's server does);
+    the range check catches one that sends the raw 1-5 score."""
+    score = remote(_server_url(url, "DEQA_URL"), batch_size, timeout, attempts, backoff, score_range=(0, 1))
+
+    def with_raw(images, prompts, metadata):
+        columns = score(images, prompts, metadata)
+        return {**columns, "raw": columns["reward"] * 5}
+
+    return with_raw
+
+
+def _toy(name):
+    """A loader of toy.<name>: toy.py is imported only when a toy reward is asked for."""
+
+    def loader():
+        import toy
+
+        return getattr(toy, name)
+
+    return loader
+
+
+# name -> loader(**options) -> reward function f(images_uint8, prompts, metadata)
+REWARDS = {
+    "ocr": lambda: ocr,
+    "pickscore": pickscore,
+    "geneval": geneval,
+    "deqa": deqa,
+    "jpeg": lambda: jpeg,
+    "toy_geneval": _toy("reward_geneval"),
+    "toy_ocr": _toy("reward_ocr"),
+    "toy_pickscore": _toy("reward_pickscore"),
+    "toy_deqa": _toy("reward_deqa"),
+}
+
+
+def parse_spec(spec):
+    """'ocr' -> [('ocr', 1.0)]; 'deqa:0.4,pickscore:0.6' -> [('deqa', 0.4), ('pickscore', 0.6)]."""
+    expected = "expected a reward name or a blend 'name:weight,name:weight', e.g. 'deqa:0.4,pickscore:0.6'"
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) == 1 and ":" not in parts[0]:
+        parts = [parts[0] + ":1"]
+    blend = []
+    for part in parts:
+        name, _, weight = part.partition(":")
+        try:
+            weight = float(weight)
+        except ValueError:
+            raise ValueError(f"malformed reward spec {spec!r}: {expected}") from None
+        if not name.strip() or not math.isfinite(weight) or name.strip() in dict(blend):
+            raise ValueError(f"malformed reward spec {spec!r}: {expected}")
+        blend.append((name.strip(), weight))
+    for name, _ in blend:
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+    return blend
+
+
+def load(spec, **options):
+    """A reward by name or blend -> fn(images, prompts, metadata=None) -> np.ndarray [B].
+
+    fn.details(images, prompts, metadata=None) -> list of B dicts (see the module docstring).
+    Each option goes to every component whose loader accepts it."""
+    blend = parse_spec(spec)
+    loaders = {name: REWARDS[name] for name, _ in blend}
+    unused = set(options) - {p for f in loaders.values() for p in inspect.signature(f).parameters}
+    if unused:
+        raise TypeError(f"reward {spec!r} takes no option(s) {sorted(unused)}")
+    functions = {name: f(**{k: v for k, v in options.items() if k in inspect.signature(f).parameters})
+                 for name, f in loaders.items()}
+
+    def columns(images, prompts, metadata=None):
+        images = as_uint8(images)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images) or (metadata is not None and len(metadata) != len(images)):
+            raise ValueError(f"{len(images)} images need as many prompts (got {len(prompts)}) and metadata")
+        if len(blend) == 1 and blend[0][1] == 1:
+            return as_columns(functions[blend[0][0]](images, prompts, metadata), len(images))
+        out = {"reward": np.zeros(len(images))}
+        for name, weight in blend:
+            part = as_columns(functions[name](images, prompts, metadata), len(images))
+            out["reward"] = out["reward"] + weight * part["reward"]
+            out.update({name if k == "reward" else f"{name}.{k}": v for k, v in part.items()})
+        return out
+
+    def fn(images, prompts, metadata=None):
+        return columns(images, prompts, metadata)["reward"]
+
+    def details(images, prompts, metadata=None):
+        out = columns(images, prompts, metadata)
+        return [{k: _python(v[i]) for k, v in out.items()} for i in range(len(out["reward"]))]
+
+    fn.details, fn.columns, fn.spec = details, columns, spec
+    return fn
+
+
+def as_columns(out, n):
+    """A reward function's output -> {"reward": float array [n], other per-image columns}."""
+    out = dict(out) if isinstance(out, dict) else {"reward": out}
+    out["reward"] = np.asarray(out["reward"], dtype=np.float64).reshape(-1)
+    if len(out["reward"]) != n:
+        raise ValueError(f"reward function returned {len(out['reward'])} rewards for {n} images")
+    return out
+
+
+def _python(value):
+    return value.item() if isinstance(value, np.generic) else value

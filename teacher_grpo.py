@@ -1,0 +1,192 @@
+"""Stage 1: Flow-GRPO. Trains one LoRA teacher on one task's prompts with one reward; given several
+tasks (and each task's reward) it is the paper's mixed-reward GRPO baseline.
+
+    python teacher_grpo.py --model out/toy/base --data-root out/toy/data --tasks ocr --reward toy_ocr --out out/teacher-ocr
+    torchrun --nproc_per_node 8 teacher_grpo.py --data-root dataset --tasks ocr --out out/teacher-ocr
+
+Per step (Flow-GRPO): SDE rollouts of G images per prompt with CFG, log-probs kept; rewards;
+group-normalised advantages (GRPO); PPO-clipped surrogate on each trained step plus beta x KL to
+the base model (the adapter switched off: no second copy of the model).
+"""
+import argparse
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import common
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    p.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ layout")
+    p.add_argument("--tasks", default="geneval", help="comma-separated tasks whose train prompts are used, or 'all'")
+    p.add_argument("--reward", default=None,
+                   help="reward spec for all tasks ('ocr', 'deqa:0.4,pickscore:0.6') or per task "
+                        "('geneval=geneval;ocr=ocr'); default: each task's own reward")
+    p.add_argument("--out", default="out/teacher")
+    p.add_argument("--batch-size", type=int, default=24, help="prompts per step, global over ranks")
+    p.add_argument("--group-size", type=int, default=16, help="G: images per prompt in (GRPO)")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps of a rollout")
+    p.add_argument("--noise-level", type=float, default=0.7, help="a in (SDE)")
+    p.add_argument("--cfg", type=float, default=4.5, help="w in (CFG)")
+    p.add_argument("--timestep-fraction", type=float, default=0.99,
+                   help="share of the rollout's steps trained on (0.99 of 10 = all but the last)")
+    p.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip eps in (GRPO)")
+    p.add_argument("--adv-clip", type=float, default=5.0, help="advantage clip in (GRPO)")
+    p.add_argument("--kl-beta", type=float, default=0.04, help="beta of the KL to the base model in (GRPO)")
+    p.add_argument("--updates-per-step", type=int, default=2,
+                   help="optimizer updates per batch of rollouts (later ones are off-policy: PPO's ratio)")
+    p.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank")
+    p.add_argument("--alpha", type=int, default=64, help="LoRA alpha")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
+    p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
+    return p.parse_args(argv)
+
+
+def validate(args):
+    common.check_positive(batch_size=args.batch_size, steps=args.steps, max_steps=args.max_steps,
+                          micro_batch=args.micro_batch, updates_per_step=args.updates_per_step,
+                          save_every=args.save_every)
+    if args.group_size < 2:
+        raise ValueError(f"--group-size must be >= 2 (the group advantage of one sample is undefined), got {args.group_size}")
+    if not 0 < args.timestep_fraction <= 1:
+        raise ValueError(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
+
+
+def main(args):
+    validate(args)
+    args = common.resolve_model_args(args)
+    d = common.setup_distributed(args.device, args.threads)
+    tasks = common.parse_tasks(args.tasks, args.data_root)
+    prompts = common.load_prompts(args.data_root, tasks)
+    import rewards
+    reward_fns = {task: rewards.load(spec) for task, spec in common.parse_rewards(args.reward, tasks).items()}
+    n_samples = args.batch_size * args.group_size
+    local = common.local_slice(n_samples, d.rank, d.world_size)
+    if (local.stop - local.start) % args.updates_per_step:
+        raise ValueError(f"samples per process ({local.stop - local.start}) must divide into --updates-per-step "
+                         f"({args.updates_per_step}) equal minibatches")
+    os.makedirs(args.out, exist_ok=True)
+
+    # the policy: a LoRA on the frozen base; the KL reference is the same base with the adapter off
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16 if args.mixed_precision == "fp16" else torch.float32
+    pipe = common.load_pipeline(args.model, d.device, dtype)
+    transformer = pipe.transformer
+    torch.manual_seed(args.seed)
+    transformer.add_adapter(common.lora_config(args.rank, args.alpha), "policy")
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    common.broadcast_params(params)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    t = common.timesteps(args.steps, args.shift).to(d.device)
+    train_steps = list(range(max(1, int(args.steps * args.timestep_fraction))))
+
+    start = 0
+    checkpoint = common.find_checkpoint(args.resume, args.out)
+    if checkpoint:
+        state = common.load_checkpoint_state(checkpoint)
+        common.restore_lora(transformer, "policy", checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+        start = state["step"] + 1
+    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1 if checkpoint else None)
+    eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
+
+    for step in tqdm(range(start, args.max_steps), disable=not d.is_main, initial=start, total=args.max_steps):
+        t0 = time.time()
+        # 1. on-policy SDE rollouts: every sample's prompt and noise derive from (seed, step, sample index)
+        ids = common.step_prompts(len(prompts), args.batch_size, args.seed, step).repeat(args.group_size)
+        ids = ids.reshape(args.group_size, -1).T.flatten()  # consecutive groups of G samples of one prompt
+        mine = [prompts[i] for i in ids[local]]
+        cond, uncond = common.encode_prompts(pipe, [p.text for p in mine], args.max_sequence_length, d.device)
+        gens = common.sample_generators(args.seed, step, range(n_samples)[local])
+        with common.autocast(d.device, args.mixed_precision):
+            latents = common.initial_latents(pipe, args.resolution, gens, d.device)
+            xs, old_log_probs = common.rollout(transformer, cond, uncond, latents, t, args.cfg, args.noise_level, gens)
+        t1 = time.time()
+
+        # 2. rewards and group-relative advantages (group statistics over all ranks)   (GRPO)
+        rewards_local = common.score(reward_fns, common.decode(pipe, xs[:, -1]), mine).to(d.device)
+        all_rewards = common.all_gather(rewards_local)
+        advantages, keep = common.group_advantages(all_rewards, args.group_size, args.adv_clip)
+        advantages, keep = advantages[local], keep[local]
+        t2 = time.time()
+
+        # 3. PPO-clipped surrogate + beta KL to the base, on each trained step. Groups whose rewards are
+        #    all equal carry no signal and are dropped (masked); a batch of only such groups is skipped.
+        logs = []
+        if not keep.any() and d.is_main:
+            tqdm.write(f"step {step}: every group has zero reward variance; no update this step")
+        # update k trains on the global samples j with j % U == k: the same ones however many ranks share them
+        n_local = local.stop - local.start
+        for mb in [torch.arange(k, n_local, args.updates_per_step) for k in range(args.updates_per_step)] if keep.any() else []:
+            optimizer.zero_grad(set_to_none=True)
+            global_count = len(mb) * d.world_size * len(train_steps)  # each loss term is 1/N of the global mean
+            for chunk in mb.split(args.micro_batch):
+                c, u = (cond[0][chunk], cond[1][chunk]), (uncond[0][chunk], uncond[1][chunk])
+                for i in train_steps:
+                    x, x_next = xs[chunk, i], xs[chunk, i + 1]
+                    with common.autocast(d.device, args.mixed_precision):
+                        v = common.guided_velocity(transformer, x, t[i], c, u, args.cfg)
+                        if args.kl_beta > 0:
+                            with torch.no_grad():
+                                common.use_adapter(transformer, "base")
+                                v_ref = common.guided_velocity(transformer, x, t[i], c, u, args.cfg)
+                                common.use_adapter(transformer, "policy")
+                    log_prob = common.sde_step(v, x, t[i], t[i + 1], args.noise_level, x_next=x_next).log_prob
+                    policy_loss, clipped, approx_kl = common.ppo_clip_loss(log_prob, old_log_probs[chunk, i],
+                                                                           advantages[chunk], args.clip_range)
+                    kl = common.kl_penalty(v, v_ref, t[i], t[i + 1], args.noise_level) if args.kl_beta > 0 else torch.zeros_like(policy_loss)
+                    loss = (policy_loss + args.kl_beta * kl) * keep[chunk]
+                    (loss.sum() / global_count).backward()
+                    logs.append(torch.stack([loss.mean(), kl.mean(), clipped.float().mean(), approx_kl.mean()]).detach())
+            common.average_gradients(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            common.check_finite(grad_norm, "the gradient norm", args.out)
+            optimizer.step()
+        t3 = time.time()
+
+        means = torch.stack(logs).mean(0).tolist() if logs else [0.0] * 4
+        loss, kl, clip_frac, approx_kl = (common.all_mean(m, d.device) for m in means)
+        row = {"step": step, "loss": loss,
+               "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+               "zero_std_groups": int((~keep).sum().item() // args.group_size),
+               "kl": kl, "clip_frac": clip_frac, "approx_kl": approx_kl,
+               "lr": optimizer.param_groups[0]["lr"], "step_time": t3 - t0, "rollout_time": t1 - t0,
+               "reward_time": t2 - t1, "train_time": t3 - t2}
+        common.check_finite(row["loss"], "the loss", args.out)
+        logger.log(row)
+        if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
+            save_eval_grid(pipe, eval_prompts, args, step, d.device)
+        if d.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
+            common.save_checkpoint(args.out, step, transformer, "policy", {"optimizer": optimizer.state_dict()})
+        if d.world_size > 1:
+            torch.distributed.barrier()
+
+    if d.is_main:
+        common.save_lora(transformer, "policy", os.path.join(args.out, "final"))
+    common.cleanup_distributed()
+    return args.out
+
+
+def save_eval_grid(pipe, eval_prompts, args, step, device):
+    """ODE samples of fixed test prompts and seeds, so grids of different steps compare image by image."""
+    images = common.generate(pipe, [p.text for p in eval_prompts], common.sample_generators(args.seed, -1, range(len(eval_prompts))),
+                             steps=args.steps, guidance_scale=args.cfg, resolution=args.resolution,
+                             max_sequence_length=args.max_sequence_length, shift=args.shift, device=device)
+    os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
+    common.save_grid(images, os.path.join(args.out, "grids", f"step-{step + 1:05d}.png"), nrow=len(eval_prompts))
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -198,6 +198,33 @@ def opd_reward(student_log_prob, teacher_log_prob):
     return -(student_log_prob - teacher_log_prob).detach()  # (OPD)
 
 
+def opd_loss(kind, v_student, v_teacher, x, x_next, t, t_next, noise_level, old_log_prob=None, clip_range=1e-4):
+    """Per-sample distillation loss of the student toward its routed teacher at state x_t, Tensor[B].   # (OPD)
+
+    pg : the paper's objective: PPO-clipped surrogate with the sampled per-step reverse-KL reward
+         r_t = -(log pi_s - log pi_T)(x_next) as advantage (detached; gradients flow through the ratio).
+    kl : KL_t minimised directly through v_s (the released code's effective behaviour), at the
+         |dt| KL_t scale of kl_penalty.
+    mse: DanceOPD's velocity regression || v_s - sg(v_T) ||^2 (mean over elements).
+    """
+    v_teacher = v_teacher.detach()
+    if kind == "pg":
+        log_prob = sde_step(v_student, x, t, t_next, noise_level, x_next=x_next).log_prob
+        teacher_log_prob = sde_step(v_teacher, x, t, t_next, noise_level, x_next=x_next).log_prob
+        advantage = opd_reward(old_log_prob, teacher_log_prob)  # (OPD)
+        return ppo_clip_loss(log_prob, old_log_prob, advantage, clip_range)[0]
+    if kind == "kl":
+        return kl_penalty(v_student, v_teacher, t, t_next, noise_level)  # (OPD)
+    if kind == "mse":
+        return ((v_student.float() - v_teacher.float()) ** 2).mean(dim=tuple(range(1, v_student.dim())))  # (OPD)
+    raise ValueError(f"unknown OPD loss {kind!r}; expected pg, kl or mse")
+
+
+def mar_penalty(v_student, v_anchor, t, t_next, noise_level, beta):
+    """Manifold Anchor Regularization: beta KL to a frozen task-agnostic teacher, every prompt.   # (MAR)"""
+    return beta * kl_penalty(v_student, v_anchor.detach(), t, t_next, noise_level)  # (MAR)
+
+
 # ----------------------------------------------------------------------------- routing
 
 def route(tasks, teachers):
@@ -797,3 +824,14 @@ def score(reward_fns, images, prompts):
         values = reward_fns[task](images[idx], [prompts[i].text for i in idx], [prompts[i].metadata for i in idx])
         out[idx] = torch.as_tensor(np.asarray(values, dtype=np.float32))
     return out
+
+
+def save_eval_grid(pipe, prompts, args, step, guidance_scale):
+    """<out>/grids/step-N.png: ODE samples of fixed test prompts and seeds, so grids of different
+    steps (and runs) compare image by image."""
+    images = generate(pipe, [p.text for p in prompts], sample_generators(args.seed, -1, range(len(prompts))),
+                      steps=args.steps, guidance_scale=guidance_scale, resolution=args.resolution,
+                      max_sequence_length=args.max_sequence_length, shift=args.shift,
+                      device=pipe.transformer.device)
+    os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
+    save_grid(images, os.path.join(args.out, "grids", f"step-{step + 1:05d}.png"), nrow=len(prompts))

@@ -167,7 +167,7 @@ def main(args):
         common.check_finite(row["loss"], "the loss", args.out)
         logger.log(row)
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
-            save_eval_grid(pipe, eval_prompts, args, step, d.device)
+            common.save_eval_grid(pipe, eval_prompts, args, step, args.cfg)
         if d.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
             common.save_checkpoint(args.out, step, transformer, "policy", {"optimizer": optimizer.state_dict()})
         if d.world_size > 1:
@@ -177,15 +177,6 @@ def main(args):
         common.save_lora(transformer, "policy", os.path.join(args.out, "final"))
     common.cleanup_distributed()
     return args.out
-
-
-def save_eval_grid(pipe, eval_prompts, args, step, device):
-    """ODE samples of fixed test prompts and seeds, so grids of different steps compare image by image."""
-    images = common.generate(pipe, [p.text for p in eval_prompts], common.sample_generators(args.seed, -1, range(len(eval_prompts))),
-                             steps=args.steps, guidance_scale=args.cfg, resolution=args.resolution,
-                             max_sequence_length=args.max_sequence_length, shift=args.shift, device=device)
-    os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
-    common.save_grid(images, os.path.join(args.out, "grids", f"step-{step + 1:05d}.png"), nrow=len(eval_prompts))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,248 @@
+"""Stage 3: Flow-OPD, multi-teacher on-policy distillation with Manifold Anchor Regularization.
+
+    torchrun --nproc_per_node 8 opd.py --init merge --mar 0.1          # the paper's run on SD3.5-M
+    python opd.py --model out/toy/base --data-root out/toy/data --teachers geneval=...,ocr=...,pickscore=... \
+        --mar-teacher out/toy/teacher-deqa/final --out out/toy/opd      # the toy world
+
+Per step (paper, section 5):
+  1. on-policy sampling: SDE rollouts of the student, G per prompt, CFG, log-probs kept  (SDE)
+  2. task routing: each prompt's task picks its teacher; a mixed batch is split per teacher  (ROUTE)
+  3. dense supervision at every trained step (or K low-noise steps): teacher velocities under
+     no_grad, per-step reverse KL, and the objective of --loss  (KL) (OPD)
+  4. MAR: beta KL to a frozen task-agnostic teacher on every prompt  (MAR)
+Student, teachers and anchor are LoRA adapters on ONE frozen base transformer, switched per
+forward; only the student's LoRA is trained and synchronised across ranks.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+
+PAPER_TEACHERS = ("geneval=jieliu/SD3.5M-FlowGRPO-GenEval,ocr=jieliu/SD3.5M-FlowGRPO-Text,"
+                  "pickscore=jieliu/SD3.5M-FlowGRPO-PickScore")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    p.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ layout, all tasks mixed")
+    p.add_argument("--tasks", default="all", help="tasks whose prompts are distilled (comma-separated or 'all')")
+    p.add_argument("--teachers", default=PAPER_TEACHERS, help="task=adapter,... (LoRA folder/file, hub id or 'base')")
+    p.add_argument("--mar-teacher", default="out/teacher-deqa/final",
+                   help="MAR anchor: the frozen aesthetic (DeQA:PickScore 4:6) teacher adapter, or 'base'")
+    p.add_argument("--mar", type=float, default=0.1, help="beta_mar in (MAR); 0 switches MAR off")
+    p.add_argument("--route", choices=["task", "single"], default="task",
+                   help="task: each prompt's own teacher (ROUTE); single: the --single-teacher for all (ablation)")
+    p.add_argument("--single-teacher", default=None, help="with --route single: the task whose teacher is used")
+    p.add_argument("--init", default="merge", help="merge (exact merge of the teachers) | none (fresh LoRA) | PATH (a cold-start LoRA, e.g. SFT)")
+    p.add_argument("--merge-rank", type=int, default=None, help="SVD-truncate the merged init to this rank")
+    p.add_argument("--loss", choices=["pg", "kl", "mse"], default="kl", help="objective of (OPD); see README for the choice")
+    p.add_argument("--states", type=int, default=None,
+                   help="supervise K low-noise states per rollout (DanceOPD) instead of every trained step")
+    p.add_argument("--out", default="out/opd")
+    p.add_argument("--batch-size", type=int, default=24, help="prompts per step, global over ranks")
+    p.add_argument("--group-size", type=int, default=16, help="G: rollouts per prompt")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps of a rollout")
+    p.add_argument("--noise-level", type=float, default=0.7, help="a in (SDE)")
+    p.add_argument("--student-cfg", type=float, default=4.5, help="w of the student's rollouts/training (1: unguided)")
+    p.add_argument("--teacher-cfg", type=float, default=4.5, help="w of the teachers and the anchor (CFG)")
+    p.add_argument("--timestep-fraction", type=float, default=0.99, help="share of the steps trained on")
+    p.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip eps of --loss pg")
+    p.add_argument("--updates-per-step", type=int, default=2, help="optimizer updates per batch of rollouts")
+    p.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank of a fresh (--init none) student")
+    p.add_argument("--alpha", type=int, default=64, help="LoRA alpha of a fresh student")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
+    p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
+    return p.parse_args(argv)
+
+
+def validate(args, tasks, teachers):
+    common.check_positive(batch_size=args.batch_size, group_size=args.group_size, steps=args.steps,
+                          max_steps=args.max_steps, micro_batch=args.micro_batch,
+                          updates_per_step=args.updates_per_step, save_every=args.save_every)
+    if args.noise_level <= 0:
+        raise ValueError(f"--noise-level must be > 0 for on-policy SDE rollouts and their KL, got {args.noise_level}")
+    n_trained = max(1, int(args.steps * args.timestep_fraction))
+    if args.states is not None and not 0 < args.states <= n_trained:
+        raise ValueError(f"--states {args.states} must be between 1 and the {n_trained} trained steps of a rollout")
+    if args.route == "single" and args.single_teacher not in teachers:
+        raise ValueError(f"--route single needs --single-teacher, one of {sorted(teachers)}; got {args.single_teacher}")
+    if args.route == "task":
+        common.route(tasks, teachers)  # raises, listing tasks and teachers, when a task has no teacher
+    if args.mar > 0 and not args.mar_teacher:
+        raise ValueError("--mar > 0 needs an anchor: --mar-teacher ADAPTER or --mar-teacher base")
+    for name, path in [*teachers.items(), ("mar-teacher", args.mar_teacher if args.mar > 0 else "base")]:
+        if path != "base" and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+            raise FileNotFoundError(f"teacher {name!r}: adapter {path!r} does not exist (a LoRA folder, hub id or 'base')")
+
+
+def supervised_steps(args, step):
+    """Trained step indices: all but the last by default; with --states K, K of the low-noise half
+    (DanceOPD supervises states the student visits near the data), drawn per step from (seed, step)."""
+    n_trained = max(1, int(args.steps * args.timestep_fraction))
+    if args.states is None:
+        return list(range(n_trained))
+    low_noise = list(range(n_trained // 2, n_trained)) if args.states <= n_trained - n_trained // 2 else list(range(n_trained))
+    rng = np.random.default_rng([args.seed, step, 7])
+    return sorted(rng.choice(low_noise, args.states, replace=False).tolist())
+
+
+def main(args):
+    args = common.resolve_model_args(args)
+    teachers = common.parse_teachers(args.teachers)
+    tasks = common.parse_tasks(args.tasks, args.data_root)
+    validate(args, tasks, teachers)
+    d = common.setup_distributed(args.device, args.threads)
+    prompts = common.load_prompts(args.data_root, tasks)
+    n_samples = args.batch_size * args.group_size
+    local = common.local_slice(n_samples, d.rank, d.world_size)
+    n_local = local.stop - local.start
+    if n_local % args.updates_per_step:
+        raise ValueError(f"samples per process ({n_local}) must divide into --updates-per-step "
+                         f"({args.updates_per_step}) equal minibatches")
+
+    # 1. one frozen base; teachers, anchor and student are adapters on it
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    pipe = common.load_pipeline(args.model, d.device, dtype)
+    transformer = pipe.transformer
+    adapter_of = {}  # task -> adapter name, one adapter per distinct path
+    for task, path in teachers.items():
+        if path not in adapter_of.values() and path != "base":
+            common.load_lora(transformer, path, f"teacher_{task}")
+        adapter_of[task] = "base" if path == "base" else f"teacher_{task}"
+    anchor = None
+    if args.mar > 0:
+        anchor = "base" if args.mar_teacher == "base" else "anchor"
+        if anchor == "anchor":
+            common.load_lora(transformer, args.mar_teacher, "anchor")
+    torch.manual_seed(args.seed)
+    if args.init == "merge":
+        import cold_start
+        state, config, info = cold_start.merge_teachers({t: p for t, p in teachers.items() if p != "base"},
+                                                        rank=args.merge_rank)
+        common.add_lora_from_state(transformer, "student", state, config)
+    elif args.init == "none":
+        transformer.add_adapter(common.lora_config(args.rank, args.alpha), "student")
+    else:
+        common.load_lora(transformer, args.init, "student")
+    for n, p in transformer.named_parameters():
+        p.requires_grad_(".student." in n)
+    common.use_adapter(transformer, "student")
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    common.broadcast_params(params)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    t = common.timesteps(args.steps, args.shift).to(d.device)
+
+    start = 0
+    checkpoint = common.find_checkpoint(args.resume, args.out)
+    if checkpoint:
+        state = common.load_checkpoint_state(checkpoint)
+        common.restore_lora(transformer, "student", checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+        start = state["step"] + 1
+    os.makedirs(args.out, exist_ok=True)
+    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1 if checkpoint else None)
+    eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
+
+    for step in tqdm(range(start, args.max_steps), disable=not d.is_main, initial=start, total=args.max_steps):
+        t0 = time.time()
+        # 2. on-policy SDE rollouts of the student; prompts and noise derive from (seed, step, sample index)
+        ids = common.step_prompts(len(prompts), args.batch_size, args.seed, step).repeat(args.group_size)
+        ids = ids.reshape(args.group_size, -1).T.flatten()
+        mine = [prompts[i] for i in ids[local]]
+        cond, uncond = common.encode_prompts(pipe, [p.text for p in mine], args.max_sequence_length, d.device)
+        gens = common.sample_generators(args.seed, step, range(n_samples)[local])
+        with common.autocast(d.device, args.mixed_precision):
+            latents = common.initial_latents(pipe, args.resolution, gens, d.device)
+            xs, old_log_probs = common.rollout(transformer, cond, uncond, latents, t, args.student_cfg,
+                                               args.noise_level, gens)
+        t1 = time.time()
+
+        # 3. routing and dense per-step supervision; 4. MAR on every prompt
+        routed = [p.task if args.route == "task" else args.single_teacher for p in mine]
+        steps = supervised_steps(args, step)
+        logs, kl_sum, kl_count = [], {}, {}
+        for mb in [torch.arange(k, n_local, args.updates_per_step) for k in range(args.updates_per_step)]:
+            optimizer.zero_grad(set_to_none=True)
+            global_count = len(mb) * d.world_size * len(steps)
+            for chunk in mb.split(args.micro_batch):
+                c, u = (cond[0][chunk], cond[1][chunk]), (uncond[0][chunk], uncond[1][chunk])
+                chunk_tasks = [routed[j] for j in chunk.tolist()]
+                for i in steps:
+                    x, x_next = xs[chunk, i], xs[chunk, i + 1]
+                    with common.autocast(d.device, args.mixed_precision):
+                        v_teacher, v_anchor = teacher_velocities(transformer, adapter_of, anchor, chunk_tasks, x, t[i],
+                                                                 c, u, args.teacher_cfg)
+                        v = common.guided_velocity(transformer, x, t[i], c, u, args.student_cfg)
+                    loss = common.opd_loss(args.loss, v, v_teacher, x, x_next, t[i], t[i + 1], args.noise_level,
+                                           old_log_probs[chunk, i], args.clip_range)
+                    mar = common.mar_penalty(v, v_anchor, t[i], t[i + 1], args.noise_level, args.mar) \
+                        if anchor else torch.zeros_like(loss)
+                    ((loss + mar).sum() / global_count).backward()
+                    with torch.no_grad():
+                        kl = common.step_kl(v, v_teacher, t[i], t[i + 1], args.noise_level)
+                        for task, value in zip(chunk_tasks, kl.tolist()):
+                            kl_sum[task] = kl_sum.get(task, 0.0) + value
+                            kl_count[task] = kl_count.get(task, 0) + 1
+                        mar_kl = common.step_kl(v, v_anchor, t[i], t[i + 1], args.noise_level).mean() if anchor else torch.zeros(())
+                    logs.append(torch.stack([(loss + mar).mean(), loss.mean(), mar_kl]).detach())
+            common.average_gradients(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            common.check_finite(grad_norm, "the gradient norm (NaN KL or loss?)", args.out)
+            optimizer.step()
+        t2 = time.time()
+
+        total, opd, mar_kl = (common.all_mean(m, d.device) for m in torch.stack(logs).mean(0).tolist())
+        row = {"step": step, "loss": total, "opd_loss": opd, "mar_kl": mar_kl,
+               **{f"kl/{task}": kl_sum[task] / kl_count[task] for task in sorted(kl_sum)},
+               "lr": optimizer.param_groups[0]["lr"], "step_time": t2 - t0, "rollout_time": t1 - t0,
+               "train_time": t2 - t1}
+        common.check_finite(total, "the loss", args.out)
+        logger.log(row)
+        if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
+            common.save_eval_grid(pipe, eval_prompts, args, step, args.student_cfg)
+        if d.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
+            common.save_checkpoint(args.out, step, transformer, "student", {"optimizer": optimizer.state_dict()})
+        if d.world_size > 1:
+            torch.distributed.barrier()
+
+    if d.is_main:
+        common.save_lora(transformer, "student", os.path.join(args.out, "final"))
+    common.cleanup_distributed()
+    return args.out
+
+
+@torch.no_grad()
+def teacher_velocities(transformer, adapter_of, anchor, tasks, x, t, cond, uncond, cfg):
+    """Routed teacher velocities (one batched forward per distinct teacher) and the anchor's, then
+    the student's adapter is active again."""
+    v_teacher = torch.empty(x.shape, device=x.device)
+    for task, idx in common.route(tasks, adapter_of).items():  # (ROUTE)
+        idx = idx.to(x.device)
+        common.use_adapter(transformer, adapter_of[task])
+        v_teacher[idx] = common.guided_velocity(transformer, x[idx], t, (cond[0][idx], cond[1][idx]),
+                                                (uncond[0][idx], uncond[1][idx]), cfg)
+    v_anchor = None
+    if anchor:
+        common.use_adapter(transformer, anchor)
+        v_anchor = common.guided_velocity(transformer, x, t, cond, uncond, cfg)
+    common.use_adapter(transformer, "student")
+    return v_teacher, v_anchor
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this wall time (e.g. to give a baseline the same budget as another method)")
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
@@ -102,6 +104,7 @@ def main(args):
     logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1 if checkpoint else None)
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
 
+    began = time.time()
     for step in tqdm(range(start, args.max_steps), disable=not d.is_main, initial=start, total=args.max_steps):
         t0 = time.time()
         # 1. on-policy SDE rollouts: every sample's prompt and noise derive from (seed, step, sample index)
@@ -168,10 +171,13 @@ def main(args):
         logger.log(row)
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
             common.save_eval_grid(pipe, eval_prompts, args, step, args.cfg)
-        if d.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
+        out_of_time = args.max_minutes is not None and common.all_mean(time.time() - began, d.device) > 60 * args.max_minutes
+        if d.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps or out_of_time):
             common.save_checkpoint(args.out, step, transformer, "policy", {"optimizer": optimizer.state_dict()})
         if d.world_size > 1:
             torch.distributed.barrier()
+        if out_of_time:
+            break
 
     if d.is_main:
         common.save_lora(transformer, "policy", os.path.join(args.out, "final"))

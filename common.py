@@ -396,7 +396,7 @@ def add_lora_from_state(transformer, name, state, config):
     ranks = {state[f"{m}.lora_A.weight"].shape[0] for m in _module_names(state)}
     if len(ranks) != 1 or config["r"] not in ranks:
         raise ValueError(f"adapter {name!r}: config rank {config['r']} but weights have ranks {sorted(ranks)}")
-    targets = sorted({m.rsplit(".", 1)[-1] if not m.endswith("to_out.0") else "to_out.0" for m in _module_names(state)})
+    targets = _module_names(state)  # full names: a suffix like "2" of "ff.net.2" would match far too much
     transformer.add_adapter(LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=targets,
                                        use_rslora=bool(config.get("use_rslora"))), name)
     result = set_peft_model_state_dict(transformer, state, adapter_name=name)

@@ -1,0 +1,417 @@
+"""Stage 2: the student's initial policy, before on-policy distillation (the paper's "Flow-based Cold-Start").
+
+--init merge   (MERGE) one LoRA with Delta W = sum_k w_k B_k A_k over the teachers' LoRAs, exact by
+               stacking their ranks, or the best rank-r approximation (SVD) with --merge-rank r.
+               Needs no model, data or device: seconds on a CPU.
+--init sft     the paper's SFT, following Flow-GRPO on teacher trajectories: route every training prompt
+               to its task's teacher (ROUTE), sample it with that teacher (ODE + CFG, the eval settings),
+               optionally keep the best of N by the task's reward, cache the final latents on disk, and
+               fine-tune a fresh student LoRA on them with flow matching (FM).
+
+Both write <out>/final/, a diffusers LoRA folder: `pipe.load_lora_weights(folder)` and `opd.py --init`
+load it.
+
+    python cold_start.py --init merge --out out/merge-init            # the released Flow-GRPO teachers
+    torchrun --nproc_per_node 8 cold_start.py --init sft --data-root dataset --out out/sft-init
+"""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+
+PAPER_TEACHERS = ("geneval=jieliu/SD3.5M-FlowGRPO-GenEval,ocr=jieliu/SD3.5M-FlowGRPO-Text,"
+                  "pickscore=jieliu/SD3.5M-FlowGRPO-PickScore")
+PROMPTS_PER_SHARD = 64  # teacher samples are cached in shards of this many prompts
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Flow-OPD stage 2: student init by LoRA merge or SFT on teacher samples")
+    common.add_model_args(p)
+    p.add_argument("--init", choices=["merge", "sft"], default="merge",
+                   help="merge: (MERGE) of the teachers' LoRAs; sft: flow matching on teacher samples")
+    p.add_argument("--teachers", default=PAPER_TEACHERS,
+                   help="task=adapter,... (LoRA folder/file or hub id, PEFT or diffusers format; "
+                        "'base' = the pretrained model)")
+    p.add_argument("--out", default="out/cold-start")
+    # --init merge
+    p.add_argument("--weights", default=None,
+                   help="merge weights w_k in (MERGE), one number per teacher in --teachers order (default: 1/K each)")
+    p.add_argument("--merge-rank", type=int, default=None,
+                   help="truncate the merged LoRA to this rank by SVD (default: exact, rank = sum of teacher ranks)")
+    # --init sft: teacher samples
+    p.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ folder (<task>/train.txt, ...)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks or 'all' (default: every task with a teacher)")
+    p.add_argument("--max-prompts", type=int, default=0, help="at most this many training prompts per task (0: all)")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="teacher samples kept per prompt")
+    p.add_argument("--best-of", type=int, default=1,
+                   help="draw N teacher samples for each kept one and keep the best by --reward")
+    p.add_argument("--reward", default="geneval=geneval,ocr=ocr,pickscore=pickscore",
+                   help="task=reward,... for --best-of (a name or blend of rewards.py)")
+    p.add_argument("--steps", type=int, default=40, help="teacher sampling steps (the eval setting)")
+    p.add_argument("--cfg", type=float, default=4.5, help="teacher guidance scale w in (CFG)")
+    p.add_argument("--sample-batch-size", type=int, default=16, help="images per teacher forward batch")
+    # --init sft: student fine-tuning
+    p.add_argument("--rank", type=int, default=32, help="student LoRA rank")
+    p.add_argument("--alpha", type=int, default=64, help="student LoRA alpha")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks together)")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps")
+    p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
+    return p.parse_args(argv)
+
+
+def main(args):
+    if args.init == "merge":
+        return init_merge(args)
+    return init_sft(args)
+
+
+# ----------------------------------------------------------------------------- --init merge
+
+def init_merge(args):
+    teachers = common.parse_teachers(args.teachers)
+    weights = parse_weights(args.weights, teachers)
+    state, config, info = merge_teachers(teachers, weights, args.merge_rank)  # (MERGE)
+    os.makedirs(args.out, exist_ok=True)
+    common.write_lora(state, config, os.path.join(args.out, "final"))
+    with open(os.path.join(args.out, "merge.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"merged {len(teachers)} teachers into a rank-{config['r']} LoRA (stacked rank {info['stacked_rank']}, "
+          f"relative error {info['relative_error']:.3g}) -> {os.path.join(args.out, 'final')}")
+    return info
+
+
+def parse_weights(spec, teachers):
+    """--weights: one number per teacher in --teachers order; None = equal weights."""
+    if spec is None:
+        return None
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights {spec!r}: expected comma-separated numbers, one per teacher") from None
+    if len(weights) != len(teachers):
+        raise ValueError(f"--weights has {len(weights)} numbers for {len(teachers)} teachers ({', '.join(teachers)})")
+    return weights
+
+
+def merge_teachers(teachers, weights=None, rank=None):
+    """Merge the teachers' LoRAs into one: Delta W = sum_k w_k B_k A_k per module.   # (MERGE)
+
+    teachers: {task: LoRA folder/file or hub id, PEFT or diffusers format; 'base' adds Delta W = 0}.
+    weights: a list in teachers' order or a dict by task (default 1/K each; not normalised, so
+    1,1,1 adds the updates). rank: SVD truncation (default: exact, rank = sum of teacher ranks).
+    Returns (state, config, info): state in read_lora's form, config with scale 1 (lora_alpha = r)
+    for write_lora / add_lora_from_state, info with the relative Frobenius error of the truncation.
+    """
+    tasks = list(teachers)
+    if weights is None:
+        weights = [1.0 / len(tasks)] * len(tasks)
+    if isinstance(weights, dict):
+        if set(weights) != set(tasks):
+            raise ValueError(f"merge weights are given for {sorted(weights)}, the teachers are {sorted(tasks)}")
+        weights = [weights[t] for t in tasks]
+    if len(weights) != len(tasks):
+        raise ValueError(f"{len(weights)} merge weights for {len(tasks)} teachers ({', '.join(tasks)})")
+    loras = {}
+    for task in tasks:
+        if teachers[task] == "base":
+            continue  # the pretrained model: its Delta W is 0, only its weight counts
+        state, config = common.read_lora(teachers[task])
+        if config.get("use_dora"):
+            raise ValueError(f"teacher {task!r} ({teachers[task]}) is a DoRA adapter: its update is not B @ A")
+        loras[task] = (common.fold_scale(state, config), config)
+    if not loras:
+        raise ValueError("every teacher is 'base': there is no LoRA to merge")
+    check_same_modules({task: state for task, (state, _) in loras.items()}, teachers)
+    ranks = {task: next(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
+             for task, (state, _) in loras.items()}
+    stacked = sum(ranks.values())
+    if rank is not None and not 1 <= rank <= stacked:
+        raise ValueError(f"--merge-rank {rank} must be between 1 and the stacked rank {stacked} "
+                         f"(the sum of the teachers' ranks {ranks})")
+    adapters = [state for state, _ in loras.values()]
+    lora_weights = [weights[tasks.index(task)] for task in loras]
+    exact = common.merge_loras(adapters, lora_weights)  # (MERGE)
+    merged = exact if rank is None else common.merge_loras(adapters, lora_weights, rank)  # (MERGE) best rank-r
+    r = stacked if rank is None else rank
+    targets = next(iter(loras.values()))[1]["target_modules"]
+    targets = sorted(targets) if isinstance(targets, (list, set)) else targets  # a list or peft's regex string
+    config = {"r": r, "lora_alpha": r, "target_modules": targets}  # scale lora_alpha / r = 1: Delta W = B @ A
+    info = {"teachers": dict(teachers), "weights": dict(zip(tasks, weights)), "ranks": ranks, "stacked_rank": stacked,
+            "rank": r, "relative_error": 0.0 if rank is None else relative_error(exact, merged)}
+    return merged, config, info
+
+
+def module_shapes(state):
+    """{module: (out_features, in_features)} of a LoRA state dict."""
+    return {k[:-len(".lora_A.weight")]: (state[k.replace("lora_A", "lora_B")].shape[0], v.shape[1])
+            for k, v in state.items() if k.endswith(".lora_A.weight")}
+
+
+def check_same_modules(states, teachers):
+    """Merging needs every teacher's LoRA on the same modules of the same base model; name the mismatch."""
+    (first, ref), *rest = [(task, module_shapes(state)) for task, state in states.items()]
+    for task, shapes in rest:
+        if set(shapes) != set(ref):
+            only_ref, only_task = sorted(set(ref) - set(shapes)), sorted(set(shapes) - set(ref))
+            raise ValueError(f"teachers {first!r} ({teachers[first]}) and {task!r} ({teachers[task]}) target different "
+                             f"modules: only {first!r} has {only_ref[:3]}, only {task!r} has {only_task[:3]}")
+        for module, shape in shapes.items():
+            if shape != ref[module]:
+                raise ValueError(f"module {module!r} is {ref[module]} in teacher {first!r} but {shape} in {task!r}: "
+                                 "are they LoRAs of different base models?")
+
+
+def relative_error(exact, merged):
+    """|| Delta W - Delta W_r ||_F / || Delta W ||_F over all modules, in float64."""
+    error = total = 0.0
+    for key in (k for k in exact if k.endswith(".lora_A.weight")):
+        b_key = key.replace("lora_A", "lora_B")
+        full = exact[b_key].double() @ exact[key].double()
+        error += (full - merged[b_key].double() @ merged[key].double()).pow(2).sum().item()
+        total += full.pow(2).sum().item()
+    return math.sqrt(error / total) if total > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- --init sft
+
+def init_sft(args):
+    common.resolve_model_args(args)
+    common.check_positive(samples_per_prompt=args.samples_per_prompt, best_of=args.best_of, steps=args.steps,
+                          sample_batch_size=args.sample_batch_size, rank=args.rank, alpha=args.alpha,
+                          batch_size=args.batch_size, max_steps=args.max_steps, save_every=args.save_every)
+    if args.weights is not None or args.merge_rank is not None:
+        raise ValueError("--weights and --merge-rank only apply to --init merge")
+
+    # 1. the training prompts of every task, each routed to its task's teacher   (ROUTE)
+    teachers = common.parse_teachers(args.teachers)
+    tasks = list(teachers) if args.tasks is None else common.parse_tasks(args.tasks, args.data_root)
+    prompts = select_prompts(common.load_prompts(args.data_root, tasks, "train"), args.max_prompts, args.seed)
+    common.route([p.task for p in prompts], teachers)  # fails here, before any work, for a task without a teacher
+    reward_fns = load_rewards(args.reward, tasks) if args.best_of > 1 else {}
+    loras = {task: common.read_lora(path) for task, path in teachers.items() if path != "base" and task in tasks}
+    if not loras:
+        raise ValueError(f"--init sft needs a LoRA teacher: every teacher of {tasks} is 'base', the model itself")
+    settings = sample_settings(args, {task: teachers[task] for task in tasks}, tasks)
+    sample_dir = os.path.join(args.out, "samples")
+    check_sample_cache(sample_dir, settings)
+
+    dist = common.setup_distributed(args.device, args.threads)
+    if args.batch_size % dist.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {dist.world_size} processes")
+    pipe = common.load_pipeline(args.model, device=dist.device)
+    transformer = pipe.transformer
+    adapters = {task: "base" if teachers[task] == "base" else f"teacher_{task}" for task in tasks}
+    for task, (state, config) in loras.items():  # all teachers on ONE frozen base, switched per task
+        common.add_lora_from_state(transformer, adapters[task], state, config)
+    if dist.is_main:
+        os.makedirs(sample_dir, exist_ok=True)
+        with open(os.path.join(sample_dir, "settings.json"), "w") as f:
+            json.dump(settings, f, indent=2)
+        counts = {task: sum(p.task == task for p in prompts) for task in tasks}
+        print(f"{len(prompts)} prompts {counts}, {args.samples_per_prompt} sample(s) each, best of {args.best_of}")
+
+    # 2. teacher samples (ODE, CFG), best of N by the task's reward; each shard is cached once on disk
+    num_shards = math.ceil(len(prompts) / PROMPTS_PER_SHARD)
+    todo = [s for s in range(dist.rank, num_shards, dist.world_size) if not os.path.exists(shard_path(sample_dir, s))]
+    for s in tqdm(todo, desc="teacher samples", disable=not dist.is_main):
+        shard = sample_shard(pipe, prompts, s * PROMPTS_PER_SHARD, adapters, reward_fns, args, dist.device)
+        tmp = shard_path(sample_dir, s) + ".tmp"
+        torch.save(shard, tmp)
+        os.replace(tmp, shard_path(sample_dir, s))  # a crash never leaves a half shard that looks done
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    transformer.delete_adapters([adapters[task] for task in loras])  # the student trains alone
+    shards = [torch.load(shard_path(sample_dir, s), mmap=True) for s in range(num_shards)]
+    samples = [(s, i) for s, shard in enumerate(shards) for i in range(len(shard["texts"]))]
+    if dist.is_main:
+        images = common.decode(pipe, shards[0]["latents"][:16].to(dist.device)).cpu()
+        common.save_grid(images, os.path.join(args.out, "samples.png"), nrow=4)
+
+    # 3. a fresh student LoRA, the only trainable parameters, fine-tuned with flow matching   (FM)
+    torch.manual_seed(args.seed)  # the same LoRA init on every rank
+    transformer.add_adapter(common.lora_config(args.rank, args.alpha), "student")
+    common.use_adapter(transformer, "student")
+    for name, param in transformer.named_parameters():
+        param.requires_grad_(".student." in name)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    start = 0
+    checkpoint = common.find_checkpoint(args.resume, args.out)
+    if checkpoint:
+        start = resume_from(checkpoint, transformer, optimizer)
+        if dist.is_main:
+            print(f"resumed from {checkpoint} at step {start}")
+    model = StudentVelocity(transformer)
+    if dist.world_size > 1:
+        device_ids = [dist.device] if dist.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    logger = common.MetricsLogger(args.out, enabled=dist.is_main, resume_step=start)
+    per_rank = args.batch_size // dist.world_size
+    for step in tqdm(range(start + 1, args.max_steps + 1), initial=start, total=args.max_steps, desc="sft",
+                     disable=not dist.is_main):
+        global_batch = batch_indices(step, args.batch_size, len(samples), args.seed)
+        positions = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's share of it
+        batch = [samples[global_batch[p]] for p in positions]
+        x0 = torch.stack([shards[s]["latents"][i] for s, i in batch]).float().to(dist.device)
+        texts = [shards[s]["texts"][i] for s, i in batch]
+        # one generator per global batch position: the same noise and t on any number of ranks
+        generators = common.sample_generators(args.seed, step, positions)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(dist.device)
+        t = torch.cat([common.sample_train_t(1, args.shift, generator=g) for g in generators]).to(dist.device)  # (FM)
+        cond, _ = common.encode_prompts(pipe, texts, args.max_sequence_length, dist.device)  # CFG-free training
+        with common.autocast(dist.device, args.mixed_precision):
+            v = model(common.add_noise(x0, noise, t), t, *cond)  # (FM)
+        loss = common.fm_loss(v, x0, noise)  # (FM)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = common.all_mean(loss.item(), dist.device)
+        common.check_finite(loss, "flow matching loss", args.out)
+        logger.log({"step": step, "loss": loss, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]})
+        if dist.is_main and (step % args.save_every == 0 or step == args.max_steps):
+            common.save_checkpoint(args.out, step, transformer, "student", {"optimizer": optimizer.state_dict()})
+
+    # 4. the student init, a LoRA folder for pipe.load_lora_weights and opd.py --init
+    if dist.is_main:
+        common.save_lora(transformer, "student", os.path.join(args.out, "final"))
+        print(f"student LoRA -> {os.path.join(args.out, 'final')}")
+    common.cleanup_distributed()
+
+
+def select_prompts(prompts, max_prompts, seed):
+    """At most max_prompts per task (a seeded random subset, in file order), or all when 0."""
+    if max_prompts <= 0:
+        return prompts
+    keep = []
+    for k, task in enumerate(dict.fromkeys(p.task for p in prompts)):
+        idx = [i for i, p in enumerate(prompts) if p.task == task]
+        keep += sorted(np.random.default_rng([seed, k]).permutation(idx)[:max_prompts].tolist())
+    return [prompts[i] for i in keep]
+
+
+def load_rewards(spec, tasks):
+    """--reward task=reward,... -> {task: fn(images, prompts, metadata)}; a blend 'a:0.4,b:0.6' may follow '='."""
+    import rewards
+    names = {}
+    for item in spec.split(","):
+        task, sep, name = item.partition("=")
+        if sep:
+            names[task.strip()] = name.strip()
+        elif names:
+            names[list(names)[-1]] += "," + item.strip()  # the next component of a blend
+        else:
+            raise ValueError(f"--reward {spec!r}: expected task=reward,... (e.g. ocr=ocr,pickscore=pickscore)")
+    missing = [task for task in tasks if task not in names]
+    if missing:
+        raise ValueError(f"--best-of needs a reward for every task; --reward names none for {missing}")
+    return {task: rewards.load(names[task]) for task in tasks}
+
+
+def sample_settings(args, teachers, tasks):
+    """What the cached teacher samples depend on: a rerun with other values must not reuse them."""
+    return {"model": args.model, "teachers": teachers, "data_root": args.data_root, "tasks": tasks,
+            "max_prompts": args.max_prompts, "samples_per_prompt": args.samples_per_prompt, "best_of": args.best_of,
+            "reward": args.reward if args.best_of > 1 else None, "steps": args.steps, "cfg": args.cfg,
+            "resolution": args.resolution, "max_sequence_length": args.max_sequence_length, "shift": args.shift,
+            "seed": args.seed, "prompts_per_shard": PROMPTS_PER_SHARD}
+
+
+def check_sample_cache(sample_dir, settings):
+    path = os.path.join(sample_dir, "settings.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        cached = json.load(f)
+    changed = sorted(k for k in settings if cached.get(k) != settings[k])
+    if changed:
+        raise ValueError(f"the teacher samples cached in {sample_dir!r} were made with other {changed} "
+                         f"({[cached.get(k) for k in changed]}, now {[settings[k] for k in changed]}); "
+                         "use another --out or delete that folder")
+
+
+def shard_path(sample_dir, index):
+    return os.path.join(sample_dir, f"shard-{index:05d}.pt")
+
+
+@torch.no_grad()
+def sample_shard(pipe, prompts, first, adapters, reward_fns, args, device):
+    """Teacher samples for prompts[first:first + PROMPTS_PER_SHARD], as a dict of texts, tasks,
+    final latents [P * S, ...] and the rewards of all best-of candidates [P * S, N] (or None).
+
+    Sample n of kept sample s of prompt i uses the generator of global index (i S + s) N + n, so the
+    cache does not depend on the number of ranks or on which rank made which shard.
+    """
+    shard = prompts[first:first + PROMPTS_PER_SHARD]
+    S, N = args.samples_per_prompt, args.best_of
+    latents, rewards = [None] * len(shard), [None] * len(shard)
+    for task, idx in common.route([p.task for p in shard], adapters).items():  # (ROUTE)
+        common.use_adapter(pipe.transformer, adapters[task])
+        idx = idx.tolist()
+        texts = [shard[i].text for i in idx for _ in range(S * N)]
+        indices = [((first + i) * S + s) * N + n for i in idx for s in range(S) for n in range(N)]
+        with common.autocast(device, args.mixed_precision):
+            images, x0 = common.generate(pipe, texts, common.sample_generators(args.seed, 0, indices), steps=args.steps,
+                                         guidance_scale=args.cfg, resolution=args.resolution,
+                                         max_sequence_length=args.max_sequence_length, shift=args.shift,
+                                         batch_size=args.sample_batch_size, device=device, return_latents=True)
+        x0 = x0.float().cpu().view(len(idx), S, N, *x0.shape[1:])
+        best = torch.zeros(len(idx), S, dtype=torch.long)
+        reward = None
+        if N > 1:
+            metadata = [shard[i].metadata for i in idx for _ in range(S * N)]
+            reward = torch.as_tensor(np.asarray(reward_fns[task](images, texts, metadata)), dtype=torch.float32)
+            reward = reward.view(len(idx), S, N)
+            best = reward.argmax(-1)
+        kept = x0[torch.arange(len(idx))[:, None], torch.arange(S)[None, :], best]  # [P, S, ...]
+        for j, i in enumerate(idx):
+            latents[i] = kept[j]
+            rewards[i] = None if reward is None else reward[j]
+    return {"texts": [p.text for p in shard for _ in range(S)], "tasks": [p.task for p in shard for _ in range(S)],
+            "latents": torch.cat(latents), "rewards": None if N == 1 else torch.cat(rewards)}
+
+
+def batch_indices(step, batch_size, num_samples, seed):
+    """Sample indices of the global batch at `step` (from 1): epochs over seeded permutations, so the
+    data order is the same on any number of ranks and after a resume."""
+    positions = range((step - 1) * batch_size, step * batch_size)
+    epochs = {p // num_samples for p in positions}
+    perms = {e: np.random.default_rng([seed, e]).permutation(num_samples) for e in epochs}
+    return [int(perms[p // num_samples][p % num_samples]) for p in positions]
+
+
+def resume_from(checkpoint, transformer, optimizer):
+    """Restore the student LoRA and the optimizer from a checkpoint folder; returns its step."""
+    from peft.utils import set_peft_model_state_dict
+    state = common.load_checkpoint_state(checkpoint)
+    lora, _ = common.read_lora(checkpoint)
+    result = set_peft_model_state_dict(transformer, lora, adapter_name="student")
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if unexpected:
+        raise ValueError(f"checkpoint {checkpoint!r} does not fit the student LoRA (--rank?): {unexpected[:3]}")
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+class StudentVelocity(torch.nn.Module):
+    """common.velocity as a module: DistributedDataParallel syncs the gradients of what forward() runs."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x, t, prompt_embeds, pooled):
+        return common.velocity(self.transformer, x, t, prompt_embeds, pooled)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,465 @@
+"""Score a model on the paper's benchmarks and add its row to a side-by-side table.
+
+    python evaluate.py --model stabilityai/stable-diffusion-3.5-medium --name base --data-root dataset
+    torchrun --nproc_per_node 8 evaluate.py --adapters out/opd/final --name flow-opd --data-root dataset
+
+The protocol is the paper's (Flow-GRPO's): ODE sampling (noise level 0), 40 steps, CFG 4.5, one
+image per test prompt whose noise depends only on (seed, task, prompt index, image index), so
+every model sees the same noise. Each task's images are scored by its metric, and every image by
+DeQA. Per-image results are cached in <out>/cache/<name>/<task>.jsonl: a killed run continues
+where it stopped, and a finished one is not regenerated. Outputs:
+
+    <out>/table.json                 {"rows": [{"model", "geneval", "ocr", "deqa", "pickscore", "average",
+                                                "stderr", "geneval_tags", "n", ...}]}; a rerun replaces its row
+    <out>/table.md                   the paper's layout, Model | GenEval | OCR | DeQA | PickScore | Average
+    <out>/grids/<task>/<name>.png    the first --grid prompts of each task, same noise for every model
+
+Columns, on the paper's scale:
+    geneval    GenEval's overall score: the accuracy of its strict per-image `correct`, per tag, averaged over tags
+    ocr        OCR accuracy, 1 - min(edit distance, len) / len of the quoted text, in [0, 1]
+    deqa       DeQA-Score (1-5), on the images of all tasks
+    pickscore  PickScore, the raw logit (~21-23 on SD3.5-M)
+    average    the paper's Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26) (rewards.paper_average)
+Each score comes with its standard error over prompts (the images of one prompt are not independent).
+
+The toy world (--toy, or automatic when the model folder has flow_opd.json) fills the same columns
+with its analogues (toy.py): geneval = the strict `correct` of toy.geneval_details, GenEval's rule over a
+shape detector, in [0, 1]; ocr = toy_ocr, the real OCR formula over a glyph reader, in [0, 1];
+deqa = toy_deqa, already on DeQA's 1-5 scale; pickscore = toy_pickscore x 26 (its reward is in
+[0, 1], "like PickScore / 26"). So the Average's / 5 and / 26 apply unchanged, and on the toy world
+it is the mean of toy GenEval, toy OCR, toy_deqa / 5 and the toy_pickscore reward. TABLE_SCALE
+holds these factors from a reward to its column.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import zlib
+from collections import namedtuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import common
+
+REAL_METRICS = {"geneval": "geneval", "ocr": "ocr", "pickscore": "pickscore", "deqa": "deqa"}
+TOY_METRICS = {"geneval": "toy_geneval", "ocr": "toy_ocr", "pickscore": "toy_pickscore", "deqa": "toy_deqa"}
+# reward spec -> factor from its reward to its column's scale (the paper's); other specs: 1
+TABLE_SCALE = {"pickscore": 26.0, "deqa": 5.0, "toy_pickscore": 26.0}
+# what the paper's Average divides each column by (rewards.paper_average)
+AVERAGE_DIVISOR = {"geneval": 1.0, "ocr": 1.0, "deqa": 5.0, "pickscore": 26.0}
+COLUMNS = [("geneval", "GenEval"), ("ocr", "OCR"), ("deqa", "DeQA"), ("pickscore", "PickScore"), ("average", "Average")]
+MAX_IMAGES_PER_PROMPT = 10_000  # noise id of (prompt i, image j) = i * MAX + j
+
+Item = namedtuple("Item", "task i j prompt")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_model_args(parser)
+    parser.add_argument("--adapters", default="",
+                        help="LoRA folders/files or hub ids, comma-separated, all active together (none = the base model)")
+    parser.add_argument("--name", default=None, help="row name in the table (default: 'base' or the adapter paths)")
+    parser.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ folder (<task>/test.txt, ...)")
+    parser.add_argument("--tasks", default="all", help="comma-separated tasks, or 'all': those of geneval, ocr, "
+                        "pickscore (any task with a metric) present in --data-root; DeQA scores every task's images")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--metrics", default="", help="column=reward overrides, comma-separated, e.g. 'deqa=none'. "
+                        "Defaults: geneval=geneval,ocr=ocr,pickscore=pickscore,deqa=deqa (servers: GENEVAL_URL, "
+                        "DEQA_URL), or with --toy toy_geneval, toy_ocr, toy_pickscore, toy_deqa")
+    parser.add_argument("--toy", action="store_true",
+                        help="toy-world metrics (automatic when the model folder has flow_opd.json)")
+    parser.add_argument("--steps", type=int, default=40, help="ODE sampling steps (the paper's eval: 40)")
+    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale w in (CFG)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass, per process")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of each task")
+    parser.add_argument("--images-per-prompt", type=int, default=1,
+                        help="images per prompt (more lowers the standard error on small test sets)")
+    parser.add_argument("--grid", type=int, default=8, help="prompts per task in the image grids")
+    parser.add_argument("--out", default="out/eval", help="folder of table.json, table.md, grids/ and cache/")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def metric_specs(overrides, toy):
+    """{column: reward spec}: the defaults of the real or toy world, with 'column=spec' overrides; 'none' drops one."""
+    specs = dict(TOY_METRICS if toy else REAL_METRICS)
+    for item in (s.strip() for s in overrides.split(",") if s.strip()):
+        column, sep, spec = item.partition("=")
+        if not sep or not column or not spec:
+            raise ValueError(f"--metrics item {item!r}: expected column=reward (e.g. deqa=none or ocr=toy_ocr)")
+        specs[column] = spec
+    return {column: spec for column, spec in specs.items() if spec != "none"}
+
+
+def load_metric(spec):
+    """A reward spec -> details(images, prompts, metadata) -> one dict per image with the column's
+    value under "score" (its reward x TABLE_SCALE; GenEval: its strict `correct`) and GenEval's "tag"."""
+    import rewards
+    if spec == "toy_geneval":  # its training reward is partial credit; the strict `correct` is in geneval_details
+        import toy
+        details = lambda images, prompts, metadata: toy.geneval_details(rewards.as_uint8(images), prompts, metadata)
+    else:
+        details = rewards.load(spec).details
+    scale = TABLE_SCALE.get(spec, 1.0)
+
+    def scored(images, prompts, metadata):
+        rows = details(images, prompts, metadata)
+        for row in rows:
+            row["score"] = float(row["correct"]) if "correct" in row else float(row["reward"]) * scale
+        return rows
+
+    return scored
+
+
+def score(metrics, items, images):
+    """Per-image results: the task's metric on its own images, 'deqa' on every image."""
+    results = [{"i": it.i, "j": it.j, "prompt": it.prompt.text, "scores": {}} for it in items]
+    for column, details in metrics.items():
+        idx = [k for k, it in enumerate(items) if column == "deqa" or it.task == column]
+        if not idx:
+            continue
+        rows = details(images[idx], [items[k].prompt.text for k in idx], [items[k].prompt.metadata for k in idx])
+        for k, row in zip(idx, rows):
+            if column == "geneval" and "correct" not in row:
+                raise ValueError("the geneval metric must report GenEval's per-image 'correct' (and 'tag')")
+            results[k]["scores"][column] = float(row["score"])
+            if column == "geneval":
+                results[k]["tag"] = row.get("tag") or items[k].prompt.metadata.get("tag") or "all"
+    return results
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def noise_generators(seed, items):
+    """The noise of (task, prompt i, image j): depends on nothing else, so every model sees the same."""
+    # crc32, unlike hash(), is the same in every process
+    return [common.sample_generators(seed, zlib.crc32(it.task.encode()), [it.i * MAX_IMAGES_PER_PROMPT + it.j])[0]
+            for it in items]
+
+
+def generate_items(pipe, items, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
+                   batch_size, device, mixed_precision=None):
+    """Float images [N, 3, H, W] in [0, 1] of the items, with the ODE sampler and their fixed noise."""
+    with common.autocast(torch.device(device), mixed_precision):
+        return common.generate(pipe, [it.prompt.text for it in items], noise_generators(seed, items), steps=steps,
+                               guidance_scale=guidance_scale, resolution=resolution,
+                               max_sequence_length=max_sequence_length, shift=shift, batch_size=batch_size,
+                               device=device)
+
+
+def index_prompts(prompts, images_per_prompt=1):
+    """Items (task, i, j, prompt): i counts the prompts of each task, j the images of a prompt."""
+    if not 1 <= images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+        raise ValueError(f"--images-per-prompt must be in 1..{MAX_IMAGES_PER_PROMPT}, got {images_per_prompt}")
+    counts, items = {}, []
+    for p in prompts:
+        i = counts[p.task] = counts.get(p.task, -1) + 1
+        items.extend(Item(p.task, i, j, p) for j in range(images_per_prompt))
+    return items
+
+
+# ----------------------------------------------------------------------------- cache (resume)
+
+def read_cache(cache_dir, settings):
+    """{(task, i, j): result} from an earlier run with the same settings; another run's cache is discarded.
+    A later line of an item replaces an earlier one."""
+    path = os.path.join(cache_dir, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            print(f"evaluate: the cache in {cache_dir} was made with other {', '.join(changed)}: starting it over")
+            shutil.rmtree(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
+    done = {}
+    for name in sorted(os.listdir(cache_dir)):
+        if not name.endswith(".jsonl"):
+            continue
+        path, good = os.path.join(cache_dir, name), []
+        with open(path) as f:
+            for line in f:
+                try:
+                    result = json.loads(line)
+                except ValueError:  # the half-written last line of a killed run
+                    continue
+                good.append(line.rstrip("\n") + "\n")
+                done[(name[:-len(".jsonl")], result["i"], result["j"])] = result
+        with open(path + ".tmp", "w") as f:  # without the broken line, so appending starts on a fresh line
+            f.writelines(good)
+        os.replace(path + ".tmp", path)
+    return done
+
+
+def append_cache(cache_dir, results):
+    by_task = {}
+    for r in results:
+        by_task.setdefault(r["task"], []).append(r)
+    for task, rows in by_task.items():
+        with open(os.path.join(cache_dir, f"{task}.jsonl"), "a") as f:
+            f.writelines(json.dumps({k: v for k, v in r.items() if k != "task"}) + "\n" for r in rows)
+            f.flush()
+
+
+def broadcast(obj):
+    """Rank 0's object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(rows):
+    """Every rank's list of rows, concatenated (in rank order)."""
+    if not dist.is_initialized():
+        return rows
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]
+
+
+# ----------------------------------------------------------------------------- summary
+
+def mean_stderr(values):
+    values = np.asarray(values, dtype=np.float64)
+    stderr = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
+    return float(values.mean()), (None if stderr is None else float(stderr))
+
+
+def summarize(results):
+    """Table row (without the model name) from per-image results with task, i, scores (and tag)."""
+    per_prompt, tags = {}, {}
+    for r in results:
+        for column, value in r["scores"].items():
+            per_prompt.setdefault(column, {}).setdefault((r["task"], r["i"]), []).append(value)
+        if "tag" in r:
+            tags[(r["task"], r["i"])] = r["tag"]
+    row = {"stderr": {}, "n": {}}
+    for column, prompts in per_prompt.items():
+        means = {key: float(np.mean(v)) for key, v in prompts.items()}
+        row["n"][column] = sum(len(v) for v in prompts.values())
+        if column == "geneval":
+            # GenEval's overall score is the mean of its per-tag accuracies
+            by_tag = {}
+            for key, value in means.items():
+                by_tag.setdefault(tags[key], []).append(value)
+            stats = {tag: mean_stderr(v) for tag, v in sorted(by_tag.items())}
+            row["geneval_tags"] = {tag: m for tag, (m, _) in stats.items()}
+            row["geneval"] = float(np.mean([m for m, _ in stats.values()]))
+            errors = [se for _, se in stats.values()]
+            row["stderr"]["geneval"] = (None if None in errors else
+                                        math.sqrt(sum(se**2 for se in errors)) / len(errors))
+        else:
+            row[column], row["stderr"][column] = mean_stderr(list(means.values()))
+    if all(c in row for c in AVERAGE_DIVISOR):
+        import rewards
+        row["average"] = rewards.paper_average(geneval=row["geneval"], ocr=row["ocr"], pickscore=row["pickscore"],
+                                               deqa=row["deqa"])
+        errors = {c: row["stderr"][c] for c in AVERAGE_DIVISOR}
+        # treats the columns as independent (DeQA shares images with the others: an approximation)
+        row["stderr"]["average"] = (None if None in errors.values() else math.sqrt(
+            sum((se / AVERAGE_DIVISOR[c]) ** 2 for c, se in errors.items())) / len(errors))
+    return row
+
+
+# ----------------------------------------------------------------------------- the in-process entry point
+
+def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resolution=512, max_sequence_length=256,
+             shift=3.0, batch_size=16, images_per_prompt=1, device="cpu", mixed_precision=None, cache_dir=None,
+             settings=None, progress=True):
+    """Score the pipeline's transformer (with its active adapters) on `prompts`; returns the table row.
+
+    prompts: common.Prompt list (common.load_prompts); a prompt's index counts within its task, so the
+    same prompt list gives every model the same noise. metrics: {column: details function}, as
+    load_metric returns; the column named like a task scores that task's images, 'deqa' scores all.
+    Under torchrun each rank samples a strided share; every rank gets the row. With cache_dir,
+    results are cached there and only missing images are generated; `settings` (with the sampling
+    settings) identifies the cache: a cache made with other settings is started over.
+    Returns the row, plus "generated": the number of images sampled in this call.
+    """
+    from tqdm import tqdm
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    items = index_prompts(prompts, images_per_prompt)
+    settings = {"seed": seed, "steps": steps, "cfg": guidance_scale, "resolution": resolution,
+                "max_sequence_length": max_sequence_length, "shift": shift, "metrics": sorted(metrics), **(settings or {})}
+    done = read_cache(cache_dir, settings) if cache_dir and rank == 0 else {}
+    # an item is missing when it is not cached, or cached for another prompt (the prompt file changed)
+    missing = broadcast([k for k, it in enumerate(items)
+                         if done.get((it.task, it.i, it.j), {}).get("prompt") != it.prompt.text])
+    mine = missing[rank::world]  # strided share: ranks sample the same number of images, +-1
+    rounds = math.ceil(len(missing) / (world * batch_size))
+    bar = tqdm(total=len(missing), desc="evaluate", disable=not (progress and rank == 0))
+    for r in range(rounds):  # every rank takes part in every round's gather, with a batch or none
+        batch = [items[k] for k in mine[r * batch_size:(r + 1) * batch_size]]
+        results = []
+        if batch:
+            images = generate_items(pipe, batch, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
+                                    batch_size, device, mixed_precision)
+            results = [{"task": it.task, **res} for it, res in zip(batch, score(metrics, batch, images))]
+        results = gather(results)
+        if rank == 0:
+            if cache_dir:
+                append_cache(cache_dir, results)
+            done.update({(res["task"], res["i"], res["j"]): res for res in results})
+            bar.update(len(results))
+    bar.close()
+    row = None
+    if rank == 0:
+        row = summarize([{"task": it.task, **done[(it.task, it.i, it.j)]} for it in items])
+        row["generated"] = len(missing)
+    return broadcast(row)
+
+
+def save_grids(pipe, prompts, out_dir, name, count, seed, steps, guidance_scale, resolution, max_sequence_length,
+               shift, batch_size, device, mixed_precision=None):
+    """<out>/grids/<task>/<name>.png: image 0 of the first `count` prompts of each task, in one row, with
+    the evaluation's own noise: the same images as scored, and the same noise for every model."""
+    items = [it for it in index_prompts(prompts) if it.i < count]
+    images = generate_items(pipe, items, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
+                            batch_size, device, mixed_precision)
+    zoom = max(1, 128 // images.shape[-1])  # nearest-neighbour, so that toy images (32 px) stay visible
+    images = images.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
+    for task in dict.fromkeys(it.task for it in items):
+        idx = [k for k, it in enumerate(items) if it.task == task]
+        os.makedirs(os.path.join(out_dir, "grids", task), exist_ok=True)
+        common.save_grid(images[idx], os.path.join(out_dir, "grids", task, f"{name}.png"), nrow=len(idx))
+
+
+# ----------------------------------------------------------------------------- the table
+
+def write_table(out_dir, row):
+    """Put `row` into <out>/table.json (replacing the row of the same model) and rewrite table.md."""
+    path = os.path.join(out_dir, "table.json")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    names = [r["model"] for r in rows]
+    if row["model"] in names:
+        rows[names.index(row["model"])] = row
+    else:
+        rows.append(row)
+    for name, text in (("table.json", json.dumps({"rows": rows}, indent=1)), ("table.md", markdown(rows))):
+        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+            f.write(text + "\n")
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    return rows
+
+
+def markdown(rows):
+    """The paper's table, every score +- its standard error, then GenEval's per-tag accuracies."""
+    def cell(row, key):
+        if row.get(key) is None:
+            return "-"
+        stderr = row.get("stderr", {}).get(key)
+        return f"{row[key]:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
+
+    lines = ["| Model | " + " | ".join(title for _, title in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += ["| " + " | ".join([r["model"]] + [cell(r, key) for key, _ in COLUMNS]) + " |" for r in rows]
+    lines += ["", "Scores ± standard error over prompts. Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26)."]
+    tags = sorted({tag for r in rows for tag in r.get("geneval_tags", {})})
+    if tags:
+        lines += ["", "GenEval accuracy by tag:", "", "| Model | " + " | ".join(tags) + " |", "|---" * (len(tags) + 1) + "|"]
+        lines += ["| " + " | ".join([r["model"]] + [f"{r['geneval_tags'][t]:.3f}" if t in r.get("geneval_tags", {})
+                                                     else "-" for t in tags]) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the script
+
+def select_tasks(spec, root, specs):
+    """--tasks -> task list; 'all' = the data root's tasks that have a metric (DeQA is not a prompt set)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data-root {root!r} does not exist; expected Flow-GRPO's dataset/ layout "
+                                "(<root>/<task>/test.txt or test_metadata.jsonl)")
+    known = common.parse_tasks("all", root)
+    scored = sorted(set(specs) - {"deqa"})
+    if spec == "all":
+        tasks = [t for t in known if t in scored]
+        if not tasks:
+            raise ValueError(f"--data-root {root!r} has none of the tasks {scored} (it has {known})")
+        return tasks
+    tasks = common.parse_tasks(spec, root)
+    for task in tasks:
+        if task not in known:
+            raise ValueError(f"unknown task {task!r}: --data-root {root!r} has tasks {known}")
+        if task not in scored:
+            raise ValueError(f"no metric for task {task!r}: pass --metrics {task}=REWARD (columns with one: {scored})")
+    return tasks
+
+
+def load_adapters(transformer, loras):
+    """Attach LoRAs given as (state, config) (common.read_lora), all active together; [] = the base model."""
+    names = []
+    for k, (state, config) in enumerate(loras):
+        names.append(f"eval_{k}")
+        common.add_lora_from_state(transformer, names[-1], state, config)
+    if names:
+        transformer.set_adapters(names)
+    return names
+
+
+def weights_id(transformer):
+    """sha1 of the LoRA weights: a retrained adapter at the same path must not reuse the old cache."""
+    digest = hashlib.sha1()
+    for n, p in sorted(transformer.named_parameters()):
+        if "lora_" in n:
+            digest.update(n.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(args):
+    ddp = common.setup_distributed(args.device, args.threads)
+    args = common.resolve_model_args(args)
+    common.check_positive(steps=args.steps, batch_size=args.batch_size, images_per_prompt=args.images_per_prompt,
+                          **({"limit": args.limit} if args.limit is not None else {}))
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip() and a.strip() != "base"]
+    name = args.name or ("+".join(adapters) if adapters else "base")
+    file_name = re.sub(r"[^\w.+-]+", "_", name).strip("._")  # of the grids and the cache
+    toy = args.toy or bool(os.path.isdir(args.model) and common.model_defaults(args.model))
+    specs = metric_specs(args.metrics, toy)
+    tasks = select_tasks(args.tasks, args.data_root, specs)
+    prompts = common.load_prompts(args.data_root, tasks, args.split)
+    if args.limit:
+        prompts = [p for p, it in zip(prompts, index_prompts(prompts)) if it.i < args.limit]
+    metrics = {column: load_metric(spec) for column, spec in specs.items() if column in tasks or column == "deqa"}
+    loras = [common.read_lora(path) for path in adapters]  # a bad path fails before the model loads
+
+    pipe = common.load_pipeline(args.model, ddp.device)
+    load_adapters(pipe.transformer, loras)
+    sampling = dict(seed=args.seed, steps=args.steps, guidance_scale=args.cfg, resolution=args.resolution,
+                    max_sequence_length=args.max_sequence_length, shift=args.shift, batch_size=args.batch_size,
+                    device=ddp.device, mixed_precision=args.mixed_precision)
+    settings = {"model": args.model, "adapters": adapters, "weights": weights_id(pipe.transformer),
+                "metric_specs": {c: specs[c] for c in metrics}, "split": args.split,
+                "mixed_precision": args.mixed_precision}
+    row = evaluate(pipe, prompts, metrics, images_per_prompt=args.images_per_prompt,
+                   cache_dir=os.path.join(args.out, "cache", file_name), settings=settings, **sampling)
+    generated = row.pop("generated")
+    row = {"model": name, **row, "metrics": settings["metric_specs"], "adapters": adapters,
+           "settings": {"steps": args.steps, "cfg": args.cfg, "resolution": args.resolution, "seed": args.seed,
+                        "split": args.split, "limit": args.limit, "images_per_prompt": args.images_per_prompt}}
+    if ddp.is_main:
+        grid_missing = any(not os.path.isfile(os.path.join(args.out, "grids", t, f"{file_name}.png")) for t in tasks)
+        if args.grid > 0 and (generated or grid_missing):
+            save_grids(pipe, prompts, args.out, file_name, args.grid, **sampling)
+        write_table(args.out, row)
+        print(markdown([row]))
+    if dist.is_initialized():
+        dist.barrier()
+    common.cleanup_distributed()
+    return row
+
+
+if __name__ == "__main__":
+    main(parse_args())

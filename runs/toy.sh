@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The whole Flow-OPD recipe on the toy world, on a CPU, ending in the paper's table.
+#
+#   bash runs/toy.sh [--quick] [OUT_DIR]      # OUT_DIR defaults to out/toy
+#
+# Stages: toy world -> stage 1 teachers (geneval, ocr, pickscore, deqa = DeQA:PickScore 4:6 on all
+# prompts, the MAR anchor) -> grpo-mix baseline -> stage 2 merge / SFT cold starts -> stage 3 OPD
+# and its ablations -> evaluate.py on every model -> <OUT>/table.md and table.json.
+# Two jobs run side by side with one thread each (2-core machines). A stage whose final/ LoRA
+# exists is skipped, and every stage resumes (--resume auto), so a rerun continues where it died.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QUICK=0
+OUT=out/toy
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    -*) echo "unknown option $arg; usage: bash runs/toy.sh [--quick] [OUT_DIR]" >&2; exit 2 ;;
+    *) OUT="$arg" ;;
+  esac
+done
+
+if [ "$QUICK" = 1 ]; then
+  WORLD=(--quick)
+  GRPO=(--batch-size 2 --group-size 4 --max-steps 2)
+  OPD=(--batch-size 2 --group-size 4 --max-steps 2)
+  SFT=(--max-prompts 8 --max-steps 4 --batch-size 8)
+  EVAL=(--limit 8 --steps 10)
+else
+  WORLD=()
+  GRPO=(--batch-size 8 --group-size 8 --max-steps 40)
+  OPD=(--batch-size 8 --group-size 8 --max-steps 20)
+  SFT=(--max-prompts 96 --max-steps 150 --batch-size 16)
+  EVAL=(--steps 20)
+fi
+COMMON=(--model "$OUT/base" --data-root "$OUT/data" --threads 1 --seed 0)
+TRAIN=(--steps 10 --save-every 10 --eval-every 10 --resume auto)
+start=$SECONDS
+wait_all() {  # wait for every background job; fail if any failed (plain `wait` would hide it)
+  local rc=0 pid
+  for pid in $(jobs -p); do wait "$pid" || rc=1; done
+  return $rc
+}
+
+python toy.py --out "$OUT" "${WORLD[@]}"
+
+stage() {  # stage NAME SCRIPT ARGS...: skipped when NAME/final exists
+  local name=$1 script=$2; shift 2
+  if [ -f "$OUT/$name/final/pytorch_lora_weights.safetensors" ]; then echo "== $name: done"; return; fi
+  echo "== $name"
+  python "$script" "${COMMON[@]}" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 \
+    || { echo "$name failed; see $OUT/$name.log" >&2; tail -5 "$OUT/$name.log" >&2; return 1; }
+}
+
+# stage 1: one teacher per task, two at a time
+stage teacher-geneval teacher_grpo.py --tasks geneval --reward toy_geneval "${GRPO[@]}" "${TRAIN[@]}" &
+stage teacher-ocr teacher_grpo.py --tasks ocr --reward toy_ocr "${GRPO[@]}" "${TRAIN[@]}" &
+wait_all
+stage teacher-pickscore teacher_grpo.py --tasks pickscore --reward toy_pickscore "${GRPO[@]}" "${TRAIN[@]}" &
+# the aesthetic teacher (MAR anchor): DeQA:PickScore 4:6 on all prompts; the toy preference rule is
+# defined on pickscore prompts only, so the other tasks' prompts get the quality score alone.
+# toy_deqa is on DeQA's raw 1-5 scale and the real `deqa` reward is DeQA / 5: weight 0.08 = 0.4 / 5.
+stage teacher-deqa teacher_grpo.py --tasks all \
+  --reward "geneval=toy_deqa;ocr=toy_deqa;pickscore=toy_deqa:0.08,toy_pickscore:0.6" "${GRPO[@]}" "${TRAIN[@]}" &
+wait_all
+
+TEACHERS="geneval=$OUT/teacher-geneval/final,ocr=$OUT/teacher-ocr/final,pickscore=$OUT/teacher-pickscore/final"
+ANCHOR="$OUT/teacher-deqa/final"
+
+# stage 2: cold starts; stage 3: OPD from the merge init (timed, for the grpo-mix budget)
+stage merge-init cold_start.py --init merge --teachers "$TEACHERS"
+t0=$SECONDS
+stage opd-merge opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 0.1 "${OPD[@]}" "${TRAIN[@]}"
+budget=$(( (SECONDS - t0 + 59) / 60 ))
+stage grpo-mix teacher_grpo.py --tasks all --reward "geneval=toy_geneval;ocr=toy_ocr;pickscore=toy_pickscore" \
+  --max-minutes "$budget" "${GRPO[@]}" "${TRAIN[@]}" &
+stage sft-init cold_start.py --init sft --teachers "$TEACHERS" --steps 20 --resume auto "${SFT[@]}" &
+wait_all
+stage opd-sft opd.py --init "$OUT/sft-init/final" --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 0.1 "${OPD[@]}" "${TRAIN[@]}" &
+stage opd-merge-no-mar opd.py --init merge --teachers "$TEACHERS" --mar 0 "${OPD[@]}" "${TRAIN[@]}" &
+wait_all
+stage opd-merge-no-routing opd.py --init merge --teachers "$TEACHERS" --route single --single-teacher geneval \
+  --mar-teacher "$ANCHOR" --mar 0.1 "${OPD[@]}" "${TRAIN[@]}" &
+stage opd-unguided opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 0.1 --student-cfg 1 \
+  "${OPD[@]}" "${TRAIN[@]}" &
+wait_all
+
+# evaluation: the same prompts and seeds for every model
+evaluate() {  # evaluate NAME [ADAPTER] [EXTRA...]
+  local name=$1 adapter=${2:-}; shift $(( $# < 2 ? $# : 2 ))
+  python evaluate.py "${COMMON[@]}" --out "$OUT" --name "$name" ${adapter:+--adapters "$adapter"} "${EVAL[@]}" "$@" \
+    > "$OUT/eval-$name.log" 2>&1 || { echo "eval $name failed; see $OUT/eval-$name.log" >&2; return 1; }
+}
+evaluate base
+rows=(teacher-geneval teacher-ocr teacher-pickscore teacher-deqa grpo-mix merge-init sft-init opd-merge opd-sft
+      opd-merge-no-mar opd-merge-no-routing)
+for ((i = 0; i < ${#rows[@]}; i += 2)); do
+  evaluate "${rows[i]}" "$OUT/${rows[i]}/final" &
+  if (( i + 1 < ${#rows[@]} )); then evaluate "${rows[i+1]}" "$OUT/${rows[i+1]}/final" & fi
+  wait_all
+done
+evaluate opd-unguided "$OUT/opd-unguided/final" --cfg 1
+
+cat "$OUT/table.md"
+echo "runs/toy.sh finished in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s; table: $OUT/table.json"

@@ -703,6 +703,29 @@ def add_model_args(parser, model="stabilityai/stable-diffusion-3.5-medium"):
     parser.add_argument("--seed", type=int, default=0)
 
 
+def add_training_args(parser):
+    """Flags of the two on-policy stages (teacher_grpo.py, opd.py), with the paper's defaults."""
+    parser.add_argument("--batch-size", type=int, default=24, help="prompts per step, global over ranks")
+    parser.add_argument("--group-size", type=int, default=16, help="G: rollouts per prompt")
+    parser.add_argument("--steps", type=int, default=10, help="sampling steps of a rollout")
+    parser.add_argument("--noise-level", type=float, default=0.7, help="a in (SDE)")
+    parser.add_argument("--timestep-fraction", type=float, default=0.99,
+                        help="share of a rollout's steps trained on (0.99 of 10 = all but the last)")
+    parser.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip eps in (GRPO) / --loss pg")
+    parser.add_argument("--updates-per-step", type=int, default=2,
+                        help="optimizer updates per batch of rollouts (later ones are off-policy: PPO's ratio)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward")
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (of a fresh LoRA)")
+    parser.add_argument("--alpha", type=int, default=64, help="LoRA alpha (of a fresh LoRA)")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
+    parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
+
+
 def resolve_model_args(args):
     """Fill the size flags left at None from the model's flow_opd.json (toy) or SD3.5-M's defaults."""
     defaults = model_defaults(args.model) if os.path.isdir(args.model) else {}
@@ -835,3 +858,31 @@ def save_eval_grid(pipe, prompts, args, step, guidance_scale):
                       device=pipe.transformer.device)
     os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
     save_grid(images, os.path.join(args.out, "grids", f"step-{step + 1:05d}.png"), nrow=len(prompts))
+
+
+def resume_training(args, transformer, adapter_name, optimizer):
+    """--resume: restore the LoRA, optimizer and RNG of a checkpoint; returns (first step, checkpoint or None)."""
+    checkpoint = find_checkpoint(args.resume, args.out)
+    if not checkpoint:
+        return 0, None
+    state = load_checkpoint_state(checkpoint)
+    restore_lora(transformer, adapter_name, checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state["step"] + 1, checkpoint
+
+
+def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device, t):
+    """A step's SDE rollouts of the active adapter: G consecutive samples per prompt, each sample's
+    prompt and noise a function of (seed, step, global sample index). Returns this rank's
+    (prompts, cond, uncond, xs, log_probs)."""
+    n_samples = args.batch_size * args.group_size
+    ids = step_prompts(len(prompts), args.batch_size, args.seed, step).repeat(args.group_size)
+    ids = ids.reshape(args.group_size, -1).T.flatten()
+    mine = [prompts[i] for i in ids[local]]
+    cond, uncond = encode_prompts(pipe, [p.text for p in mine], args.max_sequence_length, device)
+    gens = sample_generators(args.seed, step, range(n_samples)[local])
+    with autocast(device, args.mixed_precision):
+        latents = initial_latents(pipe, args.resolution, gens, device)
+        xs, log_probs = rollout(pipe.transformer, cond, uncond, latents, t, guidance_scale, args.noise_level, gens)
+    return mine, cond, uncond, xs, log_probs

@@ -30,6 +30,7 @@ PAPER_TEACHERS = ("geneval=jieliu/SD3.5M-FlowGRPO-GenEval,ocr=jieliu/SD3.5M-Flow
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
+    common.add_training_args(p)
     p.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ layout, all tasks mixed")
     p.add_argument("--tasks", default="all", help="tasks whose prompts are distilled (comma-separated or 'all')")
     p.add_argument("--teachers", default=PAPER_TEACHERS, help="task=adapter,... (LoRA folder/file, hub id or 'base')")
@@ -45,25 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--states", type=int, default=None,
                    help="supervise K low-noise states per rollout (DanceOPD) instead of every trained step")
     p.add_argument("--out", default="out/opd")
-    p.add_argument("--batch-size", type=int, default=24, help="prompts per step, global over ranks")
-    p.add_argument("--group-size", type=int, default=16, help="G: rollouts per prompt")
-    p.add_argument("--steps", type=int, default=10, help="sampling steps of a rollout")
-    p.add_argument("--noise-level", type=float, default=0.7, help="a in (SDE)")
     p.add_argument("--student-cfg", type=float, default=4.5, help="w of the student's rollouts/training (1: unguided)")
     p.add_argument("--teacher-cfg", type=float, default=4.5, help="w of the teachers and the anchor (CFG)")
-    p.add_argument("--timestep-fraction", type=float, default=0.99, help="share of the steps trained on")
-    p.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip eps of --loss pg")
-    p.add_argument("--updates-per-step", type=int, default=2, help="optimizer updates per batch of rollouts")
-    p.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward")
-    p.add_argument("--rank", type=int, default=32, help="LoRA rank of a fresh (--init none) student")
-    p.add_argument("--alpha", type=int, default=64, help="LoRA alpha of a fresh student")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
-    p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
     return p.parse_args(argv)
 
 
@@ -146,14 +130,7 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     t = common.timesteps(args.steps, args.shift).to(d.device)
 
-    start = 0
-    checkpoint = common.find_checkpoint(args.resume, args.out)
-    if checkpoint:
-        state = common.load_checkpoint_state(checkpoint)
-        common.restore_lora(transformer, "student", checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
-        start = state["step"] + 1
+    start, checkpoint = common.resume_training(args, transformer, "student", optimizer)
     os.makedirs(args.out, exist_ok=True)
     logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1 if checkpoint else None)
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
@@ -161,15 +138,8 @@ def main(args):
     for step in tqdm(range(start, args.max_steps), disable=not d.is_main, initial=start, total=args.max_steps):
         t0 = time.time()
         # 2. on-policy SDE rollouts of the student; prompts and noise derive from (seed, step, sample index)
-        ids = common.step_prompts(len(prompts), args.batch_size, args.seed, step).repeat(args.group_size)
-        ids = ids.reshape(args.group_size, -1).T.flatten()
-        mine = [prompts[i] for i in ids[local]]
-        cond, uncond = common.encode_prompts(pipe, [p.text for p in mine], args.max_sequence_length, d.device)
-        gens = common.sample_generators(args.seed, step, range(n_samples)[local])
-        with common.autocast(d.device, args.mixed_precision):
-            latents = common.initial_latents(pipe, args.resolution, gens, d.device)
-            xs, old_log_probs = common.rollout(transformer, cond, uncond, latents, t, args.student_cfg,
-                                               args.noise_level, gens)
+        mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, args, step, local, args.student_cfg,
+                                                                         d.device, t)
         t1 = time.time()
 
         # 3. routing and dense per-step supervision; 4. MAR on every prompt

@@ -21,36 +21,18 @@ import common
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
+    common.add_training_args(p)
     p.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ layout")
     p.add_argument("--tasks", default="geneval", help="comma-separated tasks whose train prompts are used, or 'all'")
     p.add_argument("--reward", default=None,
                    help="reward spec for all tasks ('ocr', 'deqa:0.4,pickscore:0.6') or per task "
                         "('geneval=geneval;ocr=ocr'); default: each task's own reward")
     p.add_argument("--out", default="out/teacher")
-    p.add_argument("--batch-size", type=int, default=24, help="prompts per step, global over ranks")
-    p.add_argument("--group-size", type=int, default=16, help="G: images per prompt in (GRPO)")
-    p.add_argument("--steps", type=int, default=10, help="sampling steps of a rollout")
-    p.add_argument("--noise-level", type=float, default=0.7, help="a in (SDE)")
     p.add_argument("--cfg", type=float, default=4.5, help="w in (CFG)")
-    p.add_argument("--timestep-fraction", type=float, default=0.99,
-                   help="share of the rollout's steps trained on (0.99 of 10 = all but the last)")
-    p.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip eps in (GRPO)")
     p.add_argument("--adv-clip", type=float, default=5.0, help="advantage clip in (GRPO)")
     p.add_argument("--kl-beta", type=float, default=0.04, help="beta of the KL to the base model in (GRPO)")
-    p.add_argument("--updates-per-step", type=int, default=2,
-                   help="optimizer updates per batch of rollouts (later ones are off-policy: PPO's ratio)")
-    p.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward")
-    p.add_argument("--rank", type=int, default=32, help="LoRA rank")
-    p.add_argument("--alpha", type=int, default=64, help="LoRA alpha")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this wall time (e.g. to give a baseline the same budget as another method)")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
-    p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
     return p.parse_args(argv)
 
 
@@ -93,14 +75,7 @@ def main(args):
     t = common.timesteps(args.steps, args.shift).to(d.device)
     train_steps = list(range(max(1, int(args.steps * args.timestep_fraction))))
 
-    start = 0
-    checkpoint = common.find_checkpoint(args.resume, args.out)
-    if checkpoint:
-        state = common.load_checkpoint_state(checkpoint)
-        common.restore_lora(transformer, "policy", checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
-        start = state["step"] + 1
+    start, checkpoint = common.resume_training(args, transformer, "policy", optimizer)
     logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1 if checkpoint else None)
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
 
@@ -108,14 +83,8 @@ def main(args):
     for step in tqdm(range(start, args.max_steps), disable=not d.is_main, initial=start, total=args.max_steps):
         t0 = time.time()
         # 1. on-policy SDE rollouts: every sample's prompt and noise derive from (seed, step, sample index)
-        ids = common.step_prompts(len(prompts), args.batch_size, args.seed, step).repeat(args.group_size)
-        ids = ids.reshape(args.group_size, -1).T.flatten()  # consecutive groups of G samples of one prompt
-        mine = [prompts[i] for i in ids[local]]
-        cond, uncond = common.encode_prompts(pipe, [p.text for p in mine], args.max_sequence_length, d.device)
-        gens = common.sample_generators(args.seed, step, range(n_samples)[local])
-        with common.autocast(d.device, args.mixed_precision):
-            latents = common.initial_latents(pipe, args.resolution, gens, d.device)
-            xs, old_log_probs = common.rollout(transformer, cond, uncond, latents, t, args.cfg, args.noise_level, gens)
+        mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, args, step, local, args.cfg,
+                                                                         d.device, t)
         t1 = time.time()
 
         # 2. rewards and group-relative advantages (group statistics over all ranks)   (GRPO)

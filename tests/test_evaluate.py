@@ -184,12 +184,13 @@ def test_toy_metrics_are_on_the_tables_scale():
     pytest.importorskip("scipy")
     import toy
     images = np.random.RandomState(0).randint(0, 256, (2, toy.RESOLUTION, toy.RESOLUTION, 3), dtype=np.uint8)
-    row = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"}
+    color, shape = next(iter(toy.COLORS)), toy.SHAPES[0]
+    row = {"tag": "colors", "include": [{"class": shape, "count": 1, "color": color}], "prompt": f"a photo of a {color} {shape}"}
     geneval = evaluate.load_metric("toy_geneval")(images, [row["prompt"]] * 2, [row] * 2)
     assert all(r["tag"] == "colors" and r["score"] == float(r["correct"]) for r in geneval)
     deqa = evaluate.load_metric("toy_deqa")(images, ["a"] * 2, None)
     assert all(1 <= r["score"] <= 5 for r in deqa)  # already on DeQA's scale
-    prompt = "a green triangle at night, highly detailed"
+    prompt = f"a {color} {shape} at night, highly detailed"  # the toy's own words
     pick = evaluate.load_metric("toy_pickscore")(images, [prompt] * 2, None)
     assert [r["score"] for r in pick] == pytest.approx(26 * toy.reward_pickscore(images, [prompt] * 2))
 

@@ -14,6 +14,7 @@ Student, teachers and anchor are LoRA adapters on ONE frozen base transformer, s
 forward; only the student's LoRA is trained and synchronised across ranks.
 """
 import argparse
+import functools
 import os
 import time
 
@@ -129,6 +130,7 @@ def main(args):
     common.broadcast_params(params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     t = common.timesteps(args.steps, args.shift).to(d.device)
+    teacher_fn = functools.partial(teacher_velocities, transformer, adapter_of, anchor, cfg=args.teacher_cfg)
 
     start, checkpoint = common.resume_training(args, transformer, "student", optimizer)
     os.makedirs(args.out, exist_ok=True)
@@ -144,36 +146,8 @@ def main(args):
 
         # 3. routing and dense per-step supervision; 4. MAR on every prompt
         routed = [p.task if args.route == "task" else args.single_teacher for p in mine]
-        steps = supervised_steps(args, step)
-        logs, kl_sum, kl_count = [], {}, {}
-        for mb in [torch.arange(k, n_local, args.updates_per_step) for k in range(args.updates_per_step)]:
-            optimizer.zero_grad(set_to_none=True)
-            global_count = len(mb) * d.world_size * len(steps)
-            for chunk in mb.split(args.micro_batch):
-                c, u = (cond[0][chunk], cond[1][chunk]), (uncond[0][chunk], uncond[1][chunk])
-                chunk_tasks = [routed[j] for j in chunk.tolist()]
-                for i in steps:
-                    x, x_next = xs[chunk, i], xs[chunk, i + 1]
-                    with common.autocast(d.device, args.mixed_precision):
-                        v_teacher, v_anchor = teacher_velocities(transformer, adapter_of, anchor, chunk_tasks, x, t[i],
-                                                                 c, u, args.teacher_cfg)
-                        v = common.guided_velocity(transformer, x, t[i], c, u, args.student_cfg)
-                    loss = common.opd_loss(args.loss, v, v_teacher, x, x_next, t[i], t[i + 1], args.noise_level,
-                                           old_log_probs[chunk, i], args.clip_range)
-                    mar = common.mar_penalty(v, v_anchor, t[i], t[i + 1], args.noise_level, args.mar) \
-                        if anchor else torch.zeros_like(loss)
-                    ((loss + mar).sum() / global_count).backward()
-                    with torch.no_grad():
-                        kl = common.step_kl(v, v_teacher, t[i], t[i + 1], args.noise_level)
-                        for task, value in zip(chunk_tasks, kl.tolist()):
-                            kl_sum[task] = kl_sum.get(task, 0.0) + value
-                            kl_count[task] = kl_count.get(task, 0) + 1
-                        mar_kl = common.step_kl(v, v_anchor, t[i], t[i + 1], args.noise_level).mean() if anchor else torch.zeros(())
-                    logs.append(torch.stack([(loss + mar).mean(), loss.mean(), mar_kl]).detach())
-            common.average_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            common.check_finite(grad_norm, "the gradient norm (NaN KL or loss?)", args.out)
-            optimizer.step()
+        logs, kl_sum, kl_count = distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs,
+                                         old_log_probs, t, supervised_steps(args, step), args, d)
         t2 = time.time()
 
         total, opd, mar_kl = (common.all_mean(m, d.device) for m in torch.stack(logs).mean(0).tolist())
@@ -194,6 +168,43 @@ def main(args):
         common.save_lora(transformer, "student", os.path.join(args.out, "final"))
     common.cleanup_distributed()
     return args.out
+
+
+def distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs, old_log_probs, t, steps, args, d):
+    """Steps 3 and 4 on a batch of rollouts: --updates-per-step optimizer updates of the student (the
+    active adapter of `transformer`) toward teacher_fn(tasks, x, t, cond, uncond) -> (v_teacher, v_anchor
+    or None), routed per sample. Returns the per-state logs and the summed KL per routed task."""
+    n_local = xs.shape[0]
+    logs, kl_sum, kl_count = [], {}, {}
+    for mb in [torch.arange(k, n_local, args.updates_per_step) for k in range(args.updates_per_step)]:
+        optimizer.zero_grad(set_to_none=True)
+        global_count = len(mb) * d.world_size * len(steps)
+        for chunk in mb.split(args.micro_batch):
+            c, u = (cond[0][chunk], cond[1][chunk]), (uncond[0][chunk], uncond[1][chunk])
+            chunk_tasks = [routed[j] for j in chunk.tolist()]
+            for i in steps:
+                x, x_next = xs[chunk, i], xs[chunk, i + 1]
+                with common.autocast(d.device, args.mixed_precision):
+                    v_teacher, v_anchor = teacher_fn(chunk_tasks, x, t[i], c, u)
+                    v = common.guided_velocity(transformer, x, t[i], c, u, args.student_cfg)
+                loss = common.opd_loss(args.loss, v, v_teacher, x, x_next, t[i], t[i + 1], args.noise_level,
+                                       old_log_probs[chunk, i], args.clip_range)
+                mar = common.mar_penalty(v, v_anchor, t[i], t[i + 1], args.noise_level, args.mar) \
+                    if v_anchor is not None else torch.zeros_like(loss)
+                ((loss + mar).sum() / global_count).backward()
+                with torch.no_grad():
+                    kl = common.step_kl(v, v_teacher, t[i], t[i + 1], args.noise_level)
+                    for task, value in zip(chunk_tasks, kl.tolist()):
+                        kl_sum[task] = kl_sum.get(task, 0.0) + value
+                        kl_count[task] = kl_count.get(task, 0) + 1
+                    mar_kl = common.step_kl(v, v_anchor, t[i], t[i + 1], args.noise_level).mean() \
+                        if v_anchor is not None else torch.zeros(())
+                logs.append(torch.stack([(loss + mar).mean(), loss.mean(), mar_kl]).detach())
+        common.average_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        common.check_finite(grad_norm, "the gradient norm (NaN KL or loss?)", args.out)
+        optimizer.step()
+    return logs, kl_sum, kl_count
 
 
 @torch.no_grad()

@@ -96,36 +96,10 @@ def main(args):
 
         # 3. PPO-clipped surrogate + beta KL to the base, on each trained step. Groups whose rewards are
         #    all equal carry no signal and are dropped (masked); a batch of only such groups is skipped.
-        logs = []
         if not keep.any() and d.is_main:
             tqdm.write(f"step {step}: every group has zero reward variance; no update this step")
-        # update k trains on the global samples j with j % U == k: the same ones however many ranks share them
-        n_local = local.stop - local.start
-        for mb in [torch.arange(k, n_local, args.updates_per_step) for k in range(args.updates_per_step)] if keep.any() else []:
-            optimizer.zero_grad(set_to_none=True)
-            global_count = len(mb) * d.world_size * len(train_steps)  # each loss term is 1/N of the global mean
-            for chunk in mb.split(args.micro_batch):
-                c, u = (cond[0][chunk], cond[1][chunk]), (uncond[0][chunk], uncond[1][chunk])
-                for i in train_steps:
-                    x, x_next = xs[chunk, i], xs[chunk, i + 1]
-                    with common.autocast(d.device, args.mixed_precision):
-                        v = common.guided_velocity(transformer, x, t[i], c, u, args.cfg)
-                        if args.kl_beta > 0:
-                            with torch.no_grad():
-                                common.use_adapter(transformer, "base")
-                                v_ref = common.guided_velocity(transformer, x, t[i], c, u, args.cfg)
-                                common.use_adapter(transformer, "policy")
-                    log_prob = common.sde_step(v, x, t[i], t[i + 1], args.noise_level, x_next=x_next).log_prob
-                    policy_loss, clipped, approx_kl = common.ppo_clip_loss(log_prob, old_log_probs[chunk, i],
-                                                                           advantages[chunk], args.clip_range)
-                    kl = common.kl_penalty(v, v_ref, t[i], t[i + 1], args.noise_level) if args.kl_beta > 0 else torch.zeros_like(policy_loss)
-                    loss = (policy_loss + args.kl_beta * kl) * keep[chunk]
-                    (loss.sum() / global_count).backward()
-                    logs.append(torch.stack([loss.mean(), kl.mean(), clipped.float().mean(), approx_kl.mean()]).detach())
-            common.average_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            common.check_finite(grad_norm, "the gradient norm", args.out)
-            optimizer.step()
+        logs = grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs, advantages, keep, t,
+                           train_steps, args, d) if keep.any() else []
         t3 = time.time()
 
         means = torch.stack(logs).mean(0).tolist() if logs else [0.0] * 4
@@ -152,6 +126,41 @@ def main(args):
         common.save_lora(transformer, "policy", os.path.join(args.out, "final"))
     common.cleanup_distributed()
     return args.out
+
+
+def grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs, advantages, keep, t, train_steps,
+                args, d):
+    """Step 3 on a batch of rollouts: --updates-per-step optimizer updates of the policy (the active adapter)
+    with the PPO-clipped surrogate + beta KL to the base (the adapter switched off). Returns per-state logs."""
+    logs = []
+    n_local = xs.shape[0]
+    # update k trains on the global samples j with j % U == k: the same ones however many ranks share them
+    for mb in [torch.arange(k, n_local, args.updates_per_step) for k in range(args.updates_per_step)]:
+        optimizer.zero_grad(set_to_none=True)
+        global_count = len(mb) * d.world_size * len(train_steps)  # each loss term is 1/N of the global mean
+        for chunk in mb.split(args.micro_batch):
+            c, u = (cond[0][chunk], cond[1][chunk]), (uncond[0][chunk], uncond[1][chunk])
+            for i in train_steps:
+                x, x_next = xs[chunk, i], xs[chunk, i + 1]
+                with common.autocast(d.device, args.mixed_precision):
+                    v = common.guided_velocity(transformer, x, t[i], c, u, args.cfg)
+                    if args.kl_beta > 0:
+                        with torch.no_grad():
+                            common.use_adapter(transformer, "base")
+                            v_ref = common.guided_velocity(transformer, x, t[i], c, u, args.cfg)
+                            common.use_adapter(transformer, "policy")
+                log_prob = common.sde_step(v, x, t[i], t[i + 1], args.noise_level, x_next=x_next).log_prob
+                policy_loss, clipped, approx_kl = common.ppo_clip_loss(log_prob, old_log_probs[chunk, i],
+                                                                       advantages[chunk], args.clip_range)
+                kl = common.kl_penalty(v, v_ref, t[i], t[i + 1], args.noise_level) if args.kl_beta > 0 else torch.zeros_like(policy_loss)
+                loss = (policy_loss + args.kl_beta * kl) * keep[chunk]
+                (loss.sum() / global_count).backward()
+                logs.append(torch.stack([loss.mean(), kl.mean(), clipped.float().mean(), approx_kl.mean()]).detach())
+        common.average_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        common.check_finite(grad_norm, "the gradient norm", args.out)
+        optimizer.step()
+    return logs
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def ground_truth(task, n, seed=0, tag=None):
 
 def test_quick_world_builds_within_budget(quick_world):
     out, world, seconds = quick_world
-    assert seconds < 60
+    assert seconds < 180  # ~25 s on an idle 2-core machine; loose, so a busy CI machine does not fail it
     assert os.path.isfile(os.path.join(out, "world.json"))
     start = time.perf_counter()
     again = toy.main(toy.parse_args(["--out", out, "--quick"]))  # cached: nothing is rebuilt

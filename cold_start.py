@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps")
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
+    p.add_argument("--ema", type=float, default=None,
+                   help="decay of an exponential moving average of the student LoRA, written as final/ (off: none)")
+    common.add_reward_server_args(p)
     return p.parse_args(argv)
 
 
@@ -81,7 +84,8 @@ def init_merge(args):
     weights = parse_weights(args.weights, teachers)
     state, config, info = merge_teachers(teachers, weights, args.merge_rank)  # (MERGE)
     os.makedirs(args.out, exist_ok=True)
-    common.write_lora(state, config, os.path.join(args.out, "final"))
+    with common.atomic_folder(os.path.join(args.out, "final")) as tmp:
+        common.write_lora(state, config, tmp)
     with open(os.path.join(args.out, "merge.json"), "w") as f:
         json.dump(info, f, indent=2)
     print(f"merged {len(teachers)} teachers into a rank-{config['r']} LoRA (stacked rank {info['stacked_rank']}, "
@@ -190,24 +194,28 @@ def init_sft(args):
                           batch_size=args.batch_size, max_steps=args.max_steps, save_every=args.save_every)
     if args.weights is not None or args.merge_rank is not None:
         raise ValueError("--weights and --merge-rank only apply to --init merge")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ValueError(f"--ema must be a decay in (0, 1), e.g. 0.99, got {args.ema}")
 
     # 1. the training prompts of every task, each routed to its task's teacher   (ROUTE)
     teachers = common.parse_teachers(args.teachers)
     tasks = list(teachers) if args.tasks is None else common.parse_tasks(args.tasks, args.data_root)
     prompts = select_prompts(common.load_prompts(args.data_root, tasks, "train"), args.max_prompts, args.seed)
     common.route([p.task for p in prompts], teachers)  # fails here, before any work, for a task without a teacher
-    reward_fns = load_rewards(args.reward, tasks) if args.best_of > 1 else {}
+    reward_fns = load_rewards(args.reward, tasks, common.reward_server_options(args)) if args.best_of > 1 else {}
     loras = {task: common.read_lora(path) for task, path in teachers.items() if path != "base" and task in tasks}
     if not loras:
         raise ValueError(f"--init sft needs a LoRA teacher: every teacher of {tasks} is 'base', the model itself")
     settings = sample_settings(args, {task: teachers[task] for task in tasks}, tasks)
     sample_dir = os.path.join(args.out, "samples")
     check_sample_cache(sample_dir, settings)
+    common.find_checkpoint(args.resume, args.out)  # a bad --resume fails now, not after the teacher samples
 
-    dist = common.setup_distributed(args.device, args.threads)
+    dist = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     if args.batch_size % dist.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {dist.world_size} processes")
     pipe = common.load_pipeline(args.model, device=dist.device)
+    common.check_resolution(pipe, args.resolution)
     transformer = pipe.transformer
     adapters = {task: "base" if teachers[task] == "base" else f"teacher_{task}" for task in tasks}
     for task, (state, config) in loras.items():  # all teachers on ONE frozen base, switched per task
@@ -227,8 +235,7 @@ def init_sft(args):
         tmp = shard_path(sample_dir, s) + ".tmp"
         torch.save(shard, tmp)
         os.replace(tmp, shard_path(sample_dir, s))  # a crash never leaves a half shard that looks done
-    if dist.world_size > 1:
-        torch.distributed.barrier()
+    common.barrier()
     transformer.delete_adapters([adapters[task] for task in loras])  # the student trains alone
     shards = [torch.load(shard_path(sample_dir, s), mmap=True) for s in range(num_shards)]
     samples = [(s, i) for s, shard in enumerate(shards) for i in range(len(shard["texts"]))]
@@ -244,10 +251,11 @@ def init_sft(args):
         param.requires_grad_(".student." in name)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    ema = common.EMA(params, args.ema) if args.ema else None
     start = 0
     checkpoint = common.find_checkpoint(args.resume, args.out)
     if checkpoint:
-        start = resume_from(checkpoint, transformer, optimizer)
+        start = resume_from(checkpoint, transformer, optimizer, ema)
         if dist.is_main:
             print(f"resumed from {checkpoint} at step {start}")
     model = StudentVelocity(transformer)
@@ -271,19 +279,24 @@ def init_sft(args):
         with common.autocast(dist.device, args.mixed_precision):
             v = model(common.add_noise(x0, noise, t), t, *cond)  # (FM)
         loss = common.fm_loss(v, x0, noise)  # (FM)
-        loss.backward()
+        common.fault_point("step", step)  # tests only: FLOW_OPD_FAULT=step:N kills the run here
+        with common.collective("syncing the gradients (DDP backward)"):
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        common.check_finite(grad_norm, "the gradient norm of the flow matching loss", args.out)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.update()
         loss = common.all_mean(loss.item(), dist.device)
         common.check_finite(loss, "flow matching loss", args.out)
         logger.log({"step": step, "loss": loss, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]})
-        if dist.is_main and (step % args.save_every == 0 or step == args.max_steps):
-            common.save_checkpoint(args.out, step, transformer, "student", {"optimizer": optimizer.state_dict()})
+        if step % args.save_every == 0 or step == args.max_steps:
+            common.save_checkpoint(args.out, step, transformer, "student", common.training_state(optimizer, ema))
 
     # 4. the student init, a LoRA folder for pipe.load_lora_weights and opd.py --init
     if dist.is_main:
-        common.save_lora(transformer, "student", os.path.join(args.out, "final"))
+        common.save_final(transformer, "student", args.out, ema)
         print(f"student LoRA -> {os.path.join(args.out, 'final')}")
     common.cleanup_distributed()
 
@@ -299,7 +312,7 @@ def select_prompts(prompts, max_prompts, seed):
     return [prompts[i] for i in keep]
 
 
-def load_rewards(spec, tasks):
+def load_rewards(spec, tasks, server=None):
     """--reward task=reward,... -> {task: fn(images, prompts, metadata)}; a blend 'a:0.4,b:0.6' may follow '='."""
     import rewards
     names = {}
@@ -314,7 +327,7 @@ def load_rewards(spec, tasks):
     missing = [task for task in tasks if task not in names]
     if missing:
         raise ValueError(f"--best-of needs a reward for every task; --reward names none for {missing}")
-    return {task: rewards.load(names[task]) for task in tasks}
+    return {task: rewards.load(names[task], server=server) for task in tasks}
 
 
 def sample_settings(args, teachers, tasks):
@@ -389,8 +402,9 @@ def batch_indices(step, batch_size, num_samples, seed):
     return [int(perms[p // num_samples][p % num_samples]) for p in positions]
 
 
-def resume_from(checkpoint, transformer, optimizer):
-    """Restore the student LoRA and the optimizer from a checkpoint folder; returns its step."""
+def resume_from(checkpoint, transformer, optimizer, ema=None):
+    """Restore the student LoRA, the optimizer, the EMA and this rank's RNG from a checkpoint folder;
+    returns its step. The data position is the step itself (batch_indices)."""
     from peft.utils import set_peft_model_state_dict
     state = common.load_checkpoint_state(checkpoint)
     lora, _ = common.read_lora(checkpoint)
@@ -399,6 +413,11 @@ def resume_from(checkpoint, transformer, optimizer):
     if unexpected:
         raise ValueError(f"checkpoint {checkpoint!r} does not fit the student LoRA (--rank?): {unexpected[:3]}")
     optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    elif ema is not None:
+        ema.reset()  # a checkpoint of a run without --ema: the average starts here
+    common.set_rng_state(common.rank_rng(state["rng"]))
     return state["step"]
 
 
@@ -414,4 +433,4 @@ class StudentVelocity(torch.nn.Module):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

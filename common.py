@@ -6,11 +6,16 @@ equation is computed here, once. Pure functions and small classes only: nothing 
 Conventions (diffusers' SD3): t in [0, 1] is the noise level ("sigma"), x_t = (1 - t) x_0 + t eps,
 v = eps - x_0, sampling runs t = 1 -> 0, dt = t_next - t < 0.
 """
+import contextlib
+import datetime
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import sys
+import time
 from collections import namedtuple
 
 import numpy as np
@@ -252,20 +257,21 @@ def lora_config(rank=32, alpha=64, target_modules=None):
 def use_adapter(transformer, name):
     """Make adapter `name` (or the base model, name None / "base") the one used in forward passes.
 
-    peft's set_adapters() makes the chosen adapter trainable and freezes the others, and
-    disable_adapters() freezes every adapter: switching to a teacher would silently change what
-    the optimizer trains. So the trainable set is recorded and restored.
+    Sets only what a LoRA layer's forward reads: its active adapter and its on/off flag (peft's
+    `_active_adapter` / `_disable_adapters`, pinned peft version). peft's own switches (set_adapters,
+    enable_adapters, disable_adapters) also set requires_grad on every adapter's weights: they would make
+    a teacher trainable and freeze the student, silently changing what the optimizer trains, and that
+    bookkeeping was ~95% of a switch's cost (bench.py's model: 35-50 ms -> 2.5 ms a switch, 5 per OPD state).
     """
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
-    if name in (None, "base"):
-        transformer.disable_adapters()
-    else:
-        transformer.enable_adapters()
-        transformer.set_adapters(name)
-    for p in transformer.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    base = name in (None, "base")
+    if not base and name not in getattr(transformer, "peft_config", {}):
+        raise ValueError(f"no adapter {name!r} on the model; it has {sorted(getattr(transformer, 'peft_config', {}))}")
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._disable_adapters = base
+            if not base:
+                module._active_adapter = [name]
 
 
 def _module_names(state_dict):
@@ -536,14 +542,25 @@ def parse_tasks(spec, root):
     if spec == "all":
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data-root {root!r} does not exist")
-        return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    return [t for t in spec.split(",") if t]
+        tasks = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not tasks:
+            raise ValueError(f"--data-root {root!r} holds no task folders; expected Flow-GRPO's dataset/ layout "
+                             "(<root>/<task>/train.txt or train_metadata.jsonl)")
+        return tasks
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks {spec!r} names no task; expected comma-separated task folders or 'all'")
+    return tasks
 
 
 # ----------------------------------------------------------------------------- distributed, logging, checkpoints
 
-def setup_distributed(device=None, threads=None):
-    """DDP under torchrun (nccl on GPU, gloo on CPU), or a single plain-python process."""
+def setup_distributed(device=None, threads=None, timeout=600):
+    """DDP under torchrun (nccl on GPU, gloo on CPU), or a single plain-python process.
+
+    timeout (--ddp-timeout, seconds): how long a collective waits for the other processes. A rank
+    that crashed, hung or was preempted then makes the others stop with DistributedError instead
+    of waiting forever (gloo raises; nccl's watchdog aborts the process)."""
     if threads:
         torch.set_num_threads(threads)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -554,8 +571,39 @@ def setup_distributed(device=None, threads=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=timeout)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        # torchrun --max-restarts hands the restarted processes the store of the dead ones: without a key
+        # prefix per attempt, a rank can read a dead peer's address and fail to connect (seen with torch 2.13)
+        store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size, timeout=timeout)
     return Dist(rank, world_size, local_rank, device, rank == 0)
+
+
+class DistributedError(RuntimeError):
+    """A collective operation failed or timed out: another process crashed, hung or was preempted."""
+
+
+@contextlib.contextmanager
+def collective(what):
+    """Turn a failed or timed-out collective into one clear DistributedError (the backend's own
+    message, e.g. gloo's "Connection reset by peer", is kept at the end)."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if isinstance(e, DistributedError) or not dist.is_initialized():
+            raise
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DistributedError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {what} failed: another process "
+                               f"crashed, hung past --ddp-timeout or was preempted ({detail})") from None
+
+
+def barrier():
+    if dist.is_initialized():
+        with collective("waiting for the other processes (barrier)"):
+            dist.barrier()
 
 
 def cleanup_distributed():
@@ -568,7 +616,8 @@ def all_gather(tensor):
     if not dist.is_initialized():
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    with collective("gathering a tensor from every process"):
+        dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
 
@@ -576,7 +625,8 @@ def all_mean(value, device):
     """Mean of a float over ranks (identity on one process)."""
     t = torch.tensor(float(value), device=device, dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(t)
+        with collective("averaging a metric over processes"):
+            dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.item()
 
@@ -589,14 +639,22 @@ class MetricsLogger:
         self.path, self.enabled = os.path.join(out_dir, "metrics.jsonl"), enabled
         if enabled and resume_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(rows)
+                rows = [row for row in map(_json_or_none, f) if row is not None and row.get("step", 0) <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            os.replace(self.path + ".tmp", self.path)
 
     def log(self, row):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def _json_or_none(line):
+    try:
+        return json.loads(line)
+    except ValueError:  # an empty line, or the half-written last line of a killed run
+        return None
 
 
 def rng_state():
@@ -614,38 +672,105 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    with collective("gathering the RNG states for a checkpoint"):
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def fault_point(where, n):
+    """Test-only fault injection, read from the environment here and nowhere else.
+
+    FLOW_OPD_FAULT=<where>:<n>[:hang] SIGKILLs this process (with ':hang': makes it stop answering)
+    when it reaches `where` for step n: 'step' = the middle of training step n (after the rollouts,
+    before the update), 'checkpoint' = half way through writing checkpoint n (LoRA written, state.pt
+    not yet). FLOW_OPD_FAULT_RANK=r limits it to one rank. It fires only in the first attempt of a
+    torchrun job (TORCHELASTIC_RESTART_COUNT 0), so that a restart with --max-restarts gets through."""
+    spec = os.environ.get("FLOW_OPD_FAULT")
+    rank = os.environ.get("RANK", "0")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    point, count, *action = spec.split(":")
+    if point != where or int(count) != n or os.environ.get("FLOW_OPD_FAULT_RANK", rank) != rank:
+        return
+    if action == ["hang"]:
+        time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _fsync_tree(folder):
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            os.fsync(f.fileno())
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes a rename inside the folder durable
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Write a folder all at once: yields a temporary sibling '.tmp-<name>' to write into, then fsyncs
+    it and renames it to `path` (replacing an old one). A crash leaves only the '.tmp-' folder, which
+    readers never look at and the next write of `path` removes."""
+    parent, name = os.path.split(os.path.normpath(path))
+    parent = parent or "."
+    tmp, old = os.path.join(parent, f".tmp-{name}"), os.path.join(parent, f".old-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, old)  # rename() cannot replace a folder that is not empty
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(parent)
 
 
 def save_checkpoint(out_dir, step, transformer, adapter_name, state):
     """Atomically write <out>/checkpoint-<step>/ (LoRA + state.pt), then point <out>/latest at it.
 
-    Written to a temporary folder, fsynced and renamed, so a crash never leaves a half checkpoint
-    where --resume auto would pick it up.
+    Call it on EVERY rank: each rank's RNG state is gathered into state.pt (python, numpy, torch CPU
+    and CUDA), rank 0 writes. Written to a temporary folder, fsynced and renamed, so a crash never
+    leaves a half checkpoint where --resume auto would pick it up. `state`: the optimizer's and the
+    EMA's state dicts. Returns the folder on rank 0, None on the others.
     """
+    rngs = gather_objects(rng_state())
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
     final = os.path.join(out_dir, f"checkpoint-{step}")
-    tmp = os.path.join(out_dir, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_lora(transformer, adapter_name, tmp)
-    torch.save({"step": step, "rng": rng_state(), **state}, os.path.join(tmp, "state.pt"))
-    _fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+    with atomic_folder(final) as tmp:
+        save_lora(transformer, adapter_name, tmp)
+        fault_point("checkpoint", step)
+        torch.save({"step": step, "rng": rngs, **state}, os.path.join(tmp, "state.pt"))
     pointer = os.path.join(out_dir, "latest.tmp")
-    with open(pointer, "w") as f:
+    with open(pointer, "w") as f:  # updated last: it never names a checkpoint that is not complete
         f.write(os.path.basename(final))
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer, os.path.join(out_dir, "latest"))
+    _fsync_dir(out_dir)
     return final
 
 
 def find_checkpoint(resume, out_dir):
-    """--resume: 'auto' (newest complete checkpoint in out_dir, or None), or a checkpoint folder."""
+    """--resume: 'auto' (the checkpoint <out>/latest names, else the newest complete one, or None
+    for a fresh start), or a checkpoint folder. Half-written '.tmp-checkpoint-N' folders are ignored."""
     if resume is None:
         return None
     if resume == "auto":
@@ -656,8 +781,8 @@ def find_checkpoint(resume, out_dir):
             if os.path.isfile(os.path.join(path, "state.pt")):
                 return path
         done = [d for d in os.listdir(out_dir) if d.startswith("checkpoint-")] if os.path.isdir(out_dir) else []
-        done = [d for d in done if os.path.isfile(os.path.join(out_dir, d, "state.pt"))]
-        return os.path.join(out_dir, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
+        done = [d for d in done if d[len("checkpoint-"):].isdigit() and os.path.isfile(os.path.join(out_dir, d, "state.pt"))]
+        return os.path.join(out_dir, max(done, key=lambda d: int(d[len("checkpoint-"):]))) if done else None
     if not os.path.isfile(os.path.join(resume, "state.pt")):
         raise FileNotFoundError(f"--resume {resume!r} is not a checkpoint folder (no state.pt); "
                                 "pass a <out>/checkpoint-N folder or 'auto'")
@@ -665,14 +790,76 @@ def find_checkpoint(resume, out_dir):
 
 
 def load_checkpoint_state(path):
-    return torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    try:
+        return torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {str(e)[:200]}); delete that folder "
+                         "to resume from the one before it") from None
+
+
+def rank_rng(saved):
+    """This rank's RNG state from a checkpoint's per-rank list (rank 0's when the number of processes changed)."""
+    if isinstance(saved, dict):  # one state, not a list per rank
+        return saved
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return saved[rank] if len(saved) == (dist.get_world_size() if dist.is_initialized() else 1) else saved[0]
 
 
 def check_finite(value, what, out_dir):
     """Stop with a clear message (the last good checkpoint is kept) when a loss or KL is NaN/inf."""
     if not math.isfinite(float(value)):
-        raise FloatingPointError(f"{what} is {float(value)}: stopping. The last good checkpoint in {out_dir!r} "
-                                 "is intact; resume from it with --resume auto (consider a lower --lr).")
+        raise FloatingPointError(f"{what} is {float(value)}, expected a finite number: stopping. The last good "
+                                 f"checkpoint in {out_dir!r} is intact; resume from it with --resume auto "
+                                 "(consider a lower --lr)")
+
+
+class EMA:
+    """Exponential moving average of the trained LoRA weights (--ema DECAY): after every training
+    step, shadow <- decay * shadow + (1 - decay) * weights, in fp32. It is saved in checkpoints and,
+    when on, written as the final LoRA (save_final); training itself uses the raw weights."""
+
+    def __init__(self, params, decay):
+        if not 0 < decay < 1:
+            raise ValueError(f"--ema must be a decay in (0, 1), e.g. 0.99, got {decay}")
+        self.params, self.decay = list(params), decay
+        self.reset()
+
+    def reset(self):
+        """Start the average at the current weights."""
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self):
+        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state):
+        for s, saved in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(saved)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in the model for the duration of the block, the raw ones after it."""
+        raw = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, raw):
+                    p.copy_(w)
+
+
+def save_final(transformer, adapter_name, out_dir, ema=None):
+    """<out>/final/: the trained LoRA (its EMA when --ema is on), written atomically; a LoRA folder that
+    pipe.load_lora_weights(folder) loads."""
+    with atomic_folder(os.path.join(out_dir, "final")) as tmp, (ema.applied() if ema else contextlib.nullcontext()):
+        save_lora(transformer, adapter_name, tmp)
 
 
 def save_grid(images, path, nrow):
@@ -701,6 +888,27 @@ def add_model_args(parser, model="stabilityai/stable-diffusion-3.5-medium"):
                         help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 under torchrun)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ddp-timeout", type=float, default=600,
+                        help="seconds a process waits for the others under torchrun before it stops with an error "
+                             "(a crashed, hung or preempted rank); raise it if rank 0's checkpoints or evals are slower")
+
+
+def add_reward_server_args(parser):
+    """Flags of the reward-server client (rewards.remote; GenEval and DeQA are served over HTTP)."""
+    parser.add_argument("--reward-timeout", type=float, default=120.0, help="seconds a reward server may take per request")
+    parser.add_argument("--reward-attempts", type=int, default=3,
+                        help="tries per request (connection errors, timeouts and HTTP 5xx are retried), then the run "
+                             "stops with an error naming the server; its checkpoints are kept")
+    parser.add_argument("--reward-backoff", type=float, default=1.0,
+                        help="seconds before the first retry, doubled before each further one")
+
+
+def reward_server_options(args):
+    """The reward-server flags as rewards.load(spec, server=...) takes them."""
+    check_positive(reward_timeout=args.reward_timeout, reward_attempts=args.reward_attempts)
+    if args.reward_backoff < 0:
+        raise ValueError(f"--reward-backoff must be >= 0 seconds, got {args.reward_backoff}")
+    return {"timeout": args.reward_timeout, "attempts": args.reward_attempts, "backoff": args.reward_backoff}
 
 
 def add_training_args(parser):
@@ -724,6 +932,8 @@ def add_training_args(parser):
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
+    parser.add_argument("--ema", type=float, default=None,
+                        help="decay of an exponential moving average of the LoRA, written as the final LoRA (off: none)")
 
 
 def resolve_model_args(args):
@@ -735,7 +945,17 @@ def resolve_model_args(args):
         args.max_sequence_length = defaults.get("max_sequence_length", 256)
     if args.threads is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         args.threads = 1
+    check_positive(resolution=args.resolution, max_sequence_length=args.max_sequence_length,
+                   ddp_timeout=args.ddp_timeout, **({"threads": args.threads} if args.threads is not None else {}))
     return args
+
+
+def check_resolution(pipe, resolution):
+    """--resolution must give whole transformer patches: a multiple of the VAE factor x the patch size."""
+    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if resolution % multiple:
+        raise ValueError(f"--resolution {resolution} must be a multiple of {multiple} for this model "
+                         f"(VAE factor {pipe.vae_scale_factor} x patch size {pipe.transformer.config.patch_size})")
 
 
 def autocast(device, mixed_precision):
@@ -792,16 +1012,18 @@ def average_gradients(params):
     """Sum the LoRA gradients over ranks. Each rank's loss is already divided by the GLOBAL sample
     count, so the sum is the gradient of the global mean: the same update as one process."""
     if dist.is_initialized():
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
+        with collective("summing the LoRA gradients over processes"):
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
 
 
 def broadcast_params(params):
     """Start every rank from rank 0's trainable weights."""
     if dist.is_initialized():
-        for p in params:
-            dist.broadcast(p.data, 0)
+        with collective("broadcasting the initial LoRA from rank 0"):
+            for p in params:
+                dist.broadcast(p.data, 0)
 
 
 def restore_lora(transformer, name, path):
@@ -844,8 +1066,13 @@ def score(reward_fns, images, prompts):
     out = torch.zeros(len(prompts))
     for task in sorted({p.task for p in prompts}):
         idx = [i for i, p in enumerate(prompts) if p.task == task]
-        values = reward_fns[task](images[idx], [prompts[i].text for i in idx], [prompts[i].metadata for i in idx])
-        out[idx] = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        values = np.asarray(reward_fns[task](images[idx], [prompts[i].text for i in idx],
+                                             [prompts[i].metadata for i in idx]), dtype=np.float32)
+        bad = [i for i, v in zip(idx, values) if not np.isfinite(v)]
+        if bad:  # a NaN reward would silently zero its group's advantages
+            raise FloatingPointError(f"the {task!r} reward is {values[idx.index(bad[0])]} for prompt "
+                                     f"{prompts[bad[0]].text!r}, expected a finite number: stopping")
+        out[idx] = torch.as_tensor(values)
     return out
 
 
@@ -860,16 +1087,57 @@ def save_eval_grid(pipe, prompts, args, step, guidance_scale):
     save_grid(images, os.path.join(args.out, "grids", f"step-{step + 1:05d}.png"), nrow=len(prompts))
 
 
-def resume_training(args, transformer, adapter_name, optimizer):
-    """--resume: restore the LoRA, optimizer and RNG of a checkpoint; returns (first step, checkpoint or None)."""
+def resume_training(args, transformer, adapter_name, optimizer, ema=None):
+    """--resume: restore the LoRA, optimizer, EMA and this rank's RNG of a checkpoint; returns (first
+    step, checkpoint or None). The data position needs no state: a step's prompts and noise are a
+    function of (seed, step, sample index), and the learning rate is constant (no scheduler)."""
     checkpoint = find_checkpoint(args.resume, args.out)
     if not checkpoint:
         return 0, None
     state = load_checkpoint_state(checkpoint)
     restore_lora(transformer, adapter_name, checkpoint)
     optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    elif ema is not None:  # a checkpoint of a run without --ema: the average starts here
+        ema.reset()
+    set_rng_state(rank_rng(state["rng"]))
     return state["step"] + 1, checkpoint
+
+
+def check_training_args(args):
+    """Checks of add_training_args' flags that argparse cannot make; a bad --resume fails before any work."""
+    if args.eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0 (0: never), got {args.eval_every}")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ValueError(f"--ema must be a decay in (0, 1), e.g. 0.99, got {args.ema}")
+    find_checkpoint(args.resume, args.out)
+
+
+def training_state(optimizer, ema=None):
+    """What a checkpoint's state.pt holds besides the step and the RNGs."""
+    return {"optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None}
+
+
+def cli(main, parse_args):
+    """A stage's command-line entry: a mistake in the command line or a known fault (NaN loss, reward
+    server down, a lost process) ends in one sentence on stderr, '<script>: error: ...', exit status
+    2 for bad input and 1 for a fault, instead of a traceback from deep inside a library.
+    FLOW_OPD_TRACEBACK=1 shows the traceback too."""
+    args = parse_args()
+    import rewards
+    faults = (FloatingPointError, DistributedError, rewards.RewardServerError)
+    try:
+        return main(args)
+    except faults + (ValueError, OSError) as e:
+        if os.environ.get("FLOW_OPD_TRACEBACK"):
+            raise
+        message = str(e).rstrip(".")
+        if isinstance(e, faults) and "--resume" not in message and getattr(args, "out", None):
+            message += f"; the checkpoints in {args.out!r} are intact: rerun with --resume auto"
+        where = f"rank {os.environ.get('RANK', 0)}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"{os.path.basename(sys.argv[0])}: {where}error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1 if isinstance(e, faults) else 2)
 
 
 def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device, t):

@@ -81,6 +81,7 @@ def parse_args(argv=None):
                         help="images per prompt (more lowers the standard error on small test sets)")
     parser.add_argument("--grid", type=int, default=8, help="prompts per task in the image grids")
     parser.add_argument("--out", default="out/eval", help="folder of table.json, table.md, grids/ and cache/")
+    common.add_reward_server_args(parser)
     return parser.parse_args(argv)
 
 
@@ -97,7 +98,7 @@ def metric_specs(overrides, toy):
     return {column: spec for column, spec in specs.items() if spec != "none"}
 
 
-def load_metric(spec):
+def load_metric(spec, server=None):
     """A reward spec -> details(images, prompts, metadata) -> one dict per image with the column's
     value under "score" (its reward x TABLE_SCALE; GenEval: its strict `correct`) and GenEval's "tag"."""
     import rewards
@@ -105,7 +106,7 @@ def load_metric(spec):
         import toy
         details = lambda images, prompts, metadata: toy.geneval_details(rewards.as_uint8(images), prompts, metadata)
     else:
-        details = rewards.load(spec).details
+        details = rewards.load(spec, server=server).details
     scale = TABLE_SCALE.get(spec, 1.0)
 
     def scored(images, prompts, metadata):
@@ -214,7 +215,8 @@ def broadcast(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with common.collective("receiving rank 0's settings"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -223,7 +225,8 @@ def gather(rows):
     if not dist.is_initialized():
         return rows
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, rows)
+    with common.collective("gathering the scored images of every process"):
+        dist.all_gather_object(parts, rows)
     return [r for part in parts for r in part]
 
 
@@ -419,7 +422,7 @@ def weights_id(transformer):
 
 
 def main(args):
-    ddp = common.setup_distributed(args.device, args.threads)
+    ddp = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     args = common.resolve_model_args(args)
     common.check_positive(steps=args.steps, batch_size=args.batch_size, images_per_prompt=args.images_per_prompt,
                           **({"limit": args.limit} if args.limit is not None else {}))
@@ -432,10 +435,12 @@ def main(args):
     prompts = common.load_prompts(args.data_root, tasks, args.split)
     if args.limit:
         prompts = [p for p, it in zip(prompts, index_prompts(prompts)) if it.i < args.limit]
-    metrics = {column: load_metric(spec) for column, spec in specs.items() if column in tasks or column == "deqa"}
+    server = common.reward_server_options(args)
+    metrics = {column: load_metric(spec, server) for column, spec in specs.items() if column in tasks or column == "deqa"}
     loras = [common.read_lora(path) for path in adapters]  # a bad path fails before the model loads
 
     pipe = common.load_pipeline(args.model, ddp.device)
+    common.check_resolution(pipe, args.resolution)
     load_adapters(pipe.transformer, loras)
     sampling = dict(seed=args.seed, steps=args.steps, guidance_scale=args.cfg, resolution=args.resolution,
                     max_sequence_length=args.max_sequence_length, shift=args.shift, batch_size=args.batch_size,
@@ -455,11 +460,10 @@ def main(args):
             save_grids(pipe, prompts, args.out, file_name, args.grid, **sampling)
         write_table(args.out, row)
         print(markdown([row]))
-    if dist.is_initialized():
-        dist.barrier()
+    common.barrier()
     common.cleanup_distributed()
     return row
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

@@ -58,6 +58,7 @@ def validate(args, tasks, teachers):
                           updates_per_step=args.updates_per_step, save_every=args.save_every)
     if args.noise_level <= 0:
         raise ValueError(f"--noise-level must be > 0 for on-policy SDE rollouts and their KL, got {args.noise_level}")
+    common.check_training_args(args)
     n_trained = max(1, int(args.steps * args.timestep_fraction))
     if args.states is not None and not 0 < args.states <= n_trained:
         raise ValueError(f"--states {args.states} must be between 1 and the {n_trained} trained steps of a rollout")
@@ -88,7 +89,7 @@ def main(args):
     teachers = common.parse_teachers(args.teachers)
     tasks = common.parse_tasks(args.tasks, args.data_root)
     validate(args, tasks, teachers)
-    d = common.setup_distributed(args.device, args.threads)
+    d = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     prompts = common.load_prompts(args.data_root, tasks)
     n_samples = args.batch_size * args.group_size
     local = common.local_slice(n_samples, d.rank, d.world_size)
@@ -100,6 +101,7 @@ def main(args):
     # 1. one frozen base; teachers, anchor and student are adapters on it
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     pipe = common.load_pipeline(args.model, d.device, dtype)
+    common.check_resolution(pipe, args.resolution)
     transformer = pipe.transformer
     adapter_of = {}  # task -> adapter name, one adapter per distinct path
     for task, path in teachers.items():
@@ -129,12 +131,13 @@ def main(args):
         p.data = p.data.float()
     common.broadcast_params(params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    ema = common.EMA(params, args.ema) if args.ema else None
     t = common.timesteps(args.steps, args.shift).to(d.device)
     teacher_fn = functools.partial(teacher_velocities, transformer, adapter_of, anchor, cfg=args.teacher_cfg)
 
-    start, checkpoint = common.resume_training(args, transformer, "student", optimizer)
+    start, checkpoint = common.resume_training(args, transformer, "student", optimizer, ema)
     os.makedirs(args.out, exist_ok=True)
-    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1 if checkpoint else None)
+    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1)  # drops rows past the checkpoint
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
 
     for step in tqdm(range(start, args.max_steps), disable=not d.is_main, initial=start, total=args.max_steps):
@@ -146,8 +149,11 @@ def main(args):
 
         # 3. routing and dense per-step supervision; 4. MAR on every prompt
         routed = [p.task if args.route == "task" else args.single_teacher for p in mine]
+        common.fault_point("step", step)  # tests only: FLOW_OPD_FAULT=step:N kills the run here
         logs, kl_sum, kl_count = distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs,
                                          old_log_probs, t, supervised_steps(args, step), args, d)
+        if ema:
+            ema.update()
         t2 = time.time()
 
         total, opd, mar_kl = (common.all_mean(m, d.device) for m in torch.stack(logs).mean(0).tolist())
@@ -159,13 +165,12 @@ def main(args):
         logger.log(row)
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
             common.save_eval_grid(pipe, eval_prompts, args, step, args.student_cfg)
-        if d.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
-            common.save_checkpoint(args.out, step, transformer, "student", {"optimizer": optimizer.state_dict()})
-        if d.world_size > 1:
-            torch.distributed.barrier()
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
+            common.save_checkpoint(args.out, step, transformer, "student", common.training_state(optimizer, ema))
+        common.barrier()
 
     if d.is_main:
-        common.save_lora(transformer, "student", os.path.join(args.out, "final"))
+        common.save_final(transformer, "student", args.out, ema)
     common.cleanup_distributed()
     return args.out
 
@@ -226,4 +231,4 @@ def teacher_velocities(transformer, adapter_of, anchor, tasks, x, t, cond, uncon
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

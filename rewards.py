@@ -366,16 +366,19 @@ def parse_spec(spec):
     return blend
 
 
-def load(spec, **options):
+def load(spec, server=None, **options):
     """A reward by name or blend -> fn(images, prompts, metadata=None) -> np.ndarray [B].
 
     fn.details(images, prompts, metadata=None) -> list of B dicts (see the module docstring).
-    Each option goes to every component whose loader accepts it."""
+    Each option goes to every component whose loader accepts it. server: {timeout, attempts,
+    backoff} for the components that are reward servers (the trainers' --reward-* flags); local
+    rewards ignore it."""
     blend = parse_spec(spec)
     loaders = {name: REWARDS[name] for name, _ in blend}
     unused = set(options) - {p for f in loaders.values() for p in inspect.signature(f).parameters}
     if unused:
         raise TypeError(f"reward {spec!r} takes no option(s) {sorted(unused)}")
+    options = {**(server or {}), **options}
     functions = {name: f(**{k: v for k, v in options.items() if k in inspect.signature(f).parameters})
                  for name, f in loaders.items()}
 

@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--kl-beta", type=float, default=0.04, help="beta of the KL to the base model in (GRPO)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this wall time (e.g. to give a baseline the same budget as another method)")
+    common.add_reward_server_args(p)
     return p.parse_args(argv)
 
 
@@ -44,26 +45,28 @@ def validate(args):
         raise ValueError(f"--group-size must be >= 2 (the group advantage of one sample is undefined), got {args.group_size}")
     if not 0 < args.timestep_fraction <= 1:
         raise ValueError(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
+    common.check_training_args(args)
 
 
 def main(args):
     validate(args)
     args = common.resolve_model_args(args)
-    d = common.setup_distributed(args.device, args.threads)
+    d = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     tasks = common.parse_tasks(args.tasks, args.data_root)
     prompts = common.load_prompts(args.data_root, tasks)
     import rewards
-    reward_fns = {task: rewards.load(spec) for task, spec in common.parse_rewards(args.reward, tasks).items()}
+    server = common.reward_server_options(args)
+    reward_fns = {task: rewards.load(spec, server=server) for task, spec in common.parse_rewards(args.reward, tasks).items()}
     n_samples = args.batch_size * args.group_size
     local = common.local_slice(n_samples, d.rank, d.world_size)
     if (local.stop - local.start) % args.updates_per_step:
         raise ValueError(f"samples per process ({local.stop - local.start}) must divide into --updates-per-step "
                          f"({args.updates_per_step}) equal minibatches")
-    os.makedirs(args.out, exist_ok=True)
 
     # the policy: a LoRA on the frozen base; the KL reference is the same base with the adapter off
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16 if args.mixed_precision == "fp16" else torch.float32
     pipe = common.load_pipeline(args.model, d.device, dtype)
+    common.check_resolution(pipe, args.resolution)
     transformer = pipe.transformer
     torch.manual_seed(args.seed)
     transformer.add_adapter(common.lora_config(args.rank, args.alpha), "policy")
@@ -72,11 +75,13 @@ def main(args):
         p.data = p.data.float()
     common.broadcast_params(params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    ema = common.EMA(params, args.ema) if args.ema else None
     t = common.timesteps(args.steps, args.shift).to(d.device)
     train_steps = list(range(max(1, int(args.steps * args.timestep_fraction))))
 
-    start, checkpoint = common.resume_training(args, transformer, "policy", optimizer)
-    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1 if checkpoint else None)
+    start, checkpoint = common.resume_training(args, transformer, "policy", optimizer, ema)
+    os.makedirs(args.out, exist_ok=True)
+    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1)  # drops rows past the checkpoint
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
 
     began = time.time()
@@ -93,6 +98,7 @@ def main(args):
         advantages, keep = common.group_advantages(all_rewards, args.group_size, args.adv_clip)
         advantages, keep = advantages[local], keep[local]
         t2 = time.time()
+        common.fault_point("step", step)  # tests only: FLOW_OPD_FAULT=step:N kills the run here
 
         # 3. PPO-clipped surrogate + beta KL to the base, on each trained step. Groups whose rewards are
         #    all equal carry no signal and are dropped (masked); a batch of only such groups is skipped.
@@ -100,6 +106,8 @@ def main(args):
             tqdm.write(f"step {step}: every group has zero reward variance; no update this step")
         logs = grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs, advantages, keep, t,
                            train_steps, args, d) if keep.any() else []
+        if ema:
+            ema.update()
         t3 = time.time()
 
         means = torch.stack(logs).mean(0).tolist() if logs else [0.0] * 4
@@ -115,15 +123,14 @@ def main(args):
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
             common.save_eval_grid(pipe, eval_prompts, args, step, args.cfg)
         out_of_time = args.max_minutes is not None and common.all_mean(time.time() - began, d.device) > 60 * args.max_minutes
-        if d.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps or out_of_time):
-            common.save_checkpoint(args.out, step, transformer, "policy", {"optimizer": optimizer.state_dict()})
-        if d.world_size > 1:
-            torch.distributed.barrier()
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or out_of_time:
+            common.save_checkpoint(args.out, step, transformer, "policy", common.training_state(optimizer, ema))
+        common.barrier()
         if out_of_time:
             break
 
     if d.is_main:
-        common.save_lora(transformer, "policy", os.path.join(args.out, "final"))
+        common.save_final(transformer, "policy", args.out, ema)
     common.cleanup_distributed()
     return args.out
 
@@ -164,4 +171,4 @@ def grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs,
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

@@ -394,14 +394,15 @@ def check_lora_fits(transformer, state, name):
                              f"the model's is {tuple(base.weight.shape)}: is the adapter for another base model?")
 
 
-def add_lora_from_state(transformer, name, state, config):
-    """Attach a LoRA given as a state dict + config under adapter name `name`."""
+def add_lora_from_state(transformer, name, state, config, source=None):
+    """Attach a LoRA given as a state dict + config under adapter name `name`; errors name `source`
+    (where the LoRA came from, e.g. its path) when given."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
-    check_lora_fits(transformer, state, name)
+    check_lora_fits(transformer, state, source or name)
     ranks = {state[f"{m}.lora_A.weight"].shape[0] for m in _module_names(state)}
     if len(ranks) != 1 or config["r"] not in ranks:
-        raise ValueError(f"adapter {name!r}: config rank {config['r']} but weights have ranks {sorted(ranks)}")
+        raise ValueError(f"adapter {source or name!r}: config rank {config['r']} but weights have ranks {sorted(ranks)}")
     targets = _module_names(state)  # full names: a suffix like "2" of "ff.net.2" would match far too much
     transformer.add_adapter(LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=targets,
                                        use_rslora=bool(config.get("use_rslora"))), name)
@@ -414,7 +415,7 @@ def add_lora_from_state(transformer, name, state, config):
 def load_lora(transformer, path, name):
     """Load a LoRA (PEFT folder, diffusers folder/file or hub id) as adapter `name` on transformer."""
     state, config = read_lora(path)
-    add_lora_from_state(transformer, name, state, config)
+    add_lora_from_state(transformer, name, state, config, source=path)
 
 
 def save_lora(transformer, name, out_dir):
@@ -545,7 +546,7 @@ def parse_tasks(spec, root):
         tasks = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not tasks:
             raise ValueError(f"--data-root {root!r} holds no task folders; expected Flow-GRPO's dataset/ layout "
-                             "(<root>/<task>/train.txt or train_metadata.jsonl)")
+                             "(<root>/<task>/ with train.txt and test.txt, or *_metadata.jsonl)")
         return tasks
     tasks = [t.strip() for t in spec.split(",") if t.strip()]
     if not tasks:

@@ -400,12 +400,13 @@ def select_tasks(spec, root, specs):
     return tasks
 
 
-def load_adapters(transformer, loras):
-    """Attach LoRAs given as (state, config) (common.read_lora), all active together; [] = the base model."""
+def load_adapters(transformer, loras, paths=None):
+    """Attach LoRAs given as (state, config) (common.read_lora), all active together; [] = the base model.
+    paths: where they came from, named in errors."""
     names = []
     for k, (state, config) in enumerate(loras):
         names.append(f"eval_{k}")
-        common.add_lora_from_state(transformer, names[-1], state, config)
+        common.add_lora_from_state(transformer, names[-1], state, config, source=paths[k] if paths else None)
     if names:
         transformer.set_adapters(names)
     return names
@@ -441,7 +442,7 @@ def main(args):
 
     pipe = common.load_pipeline(args.model, ddp.device)
     common.check_resolution(pipe, args.resolution)
-    load_adapters(pipe.transformer, loras)
+    load_adapters(pipe.transformer, loras, adapters)
     sampling = dict(seed=args.seed, steps=args.steps, guidance_scale=args.cfg, resolution=args.resolution,
                     max_sequence_length=args.max_sequence_length, shift=args.shift, batch_size=args.batch_size,
                     device=ddp.device, mixed_precision=args.mixed_precision)

@@ -15,6 +15,7 @@
 #   DEQA_TEACHER       out/teacher-deqa/final           the MAR anchor, a local folder you train first (see below)
 #   GENEVAL_URL, DEQA_URL                               reward servers for the evaluation (README, rewards.py)
 #   NPROC_PER_NODE 8, NNODES 1, MASTER_ADDR, MASTER_PORT 29500, RDZV_ID sd35m   torchrun rendezvous
+#   MAX_RESTARTS 3     torchrun restarts a job whose process died (OOM, a lost GPU); --resume auto continues it
 #   PYTHON python
 #
 # Expected (the Flow-OPD model card, SD3.5-M; DeQA 1-5, PickScore the raw logit):
@@ -44,14 +45,15 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-8}
 NNODES=${NNODES:-1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-sd35m}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 PYTHON=${PYTHON:-python}
 TEACHERS="geneval=$GENEVAL_TEACHER,ocr=$OCR_TEACHER,pickscore=$PICKSCORE_TEACHER"
 
 if [ "$NNODES" -gt 1 ]; then
     LAUNCH=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d
-            --rdzv_endpoint "${MASTER_ADDR:-}:$MASTER_PORT" --rdzv_id "$RDZV_ID")
+            --rdzv_endpoint "${MASTER_ADDR:-}:$MASTER_PORT" --rdzv_id "$RDZV_ID" --max-restarts "$MAX_RESTARTS")
 else
-    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC_PER_NODE")
+    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS")
 fi
 # single-process steps (the merge, the table) run once, on the node with NODE_RANK 0
 FIRST_NODE=$([ "${NODE_RANK:-0}" = 0 ] && echo 1 || echo 0)

@@ -1,12 +1,14 @@
 """Speed and memory of each stage against the released layout, in one run, as ratios (nanoGPT's bench.py).
 
-    python bench.py --out out/bench           # a few minutes on 2 CPU cores, 1 thread: a random ~110M SD3 transformer
-    python bench.py --quick --out /tmp/bench  # seconds: the toy's tiny transformer (tests/test_bench.py)
+    python bench.py --out out/bench           # ~5 min on 2 CPU cores, 1 thread: a random 102M SD3 transformer
+    python bench.py --quick --out /tmp/bench  # seconds: a tiny random transformer (tests/test_bench.py)
     python bench.py --model stabilityai/stable-diffusion-3.5-medium --device cuda --dtype bf16 --out out/bench-sd35m
+    python bench.py --profile ...             # + torch.profiler op tables of a GRPO and an OPD step
 
-Each configuration runs in a fresh process (forked from a server process that only did the imports, so
-that its peak memory is its own; `python bench.py --one NAME` runs one by hand): it builds the model, warms up with one forward/backward, and times one training step made of the
-stages' own functions (common.on_policy_rollouts, opd.distill, teacher_grpo.grpo_update):
+Each configuration runs in a fresh process, forked from a server process that only did the imports, so
+that its peak memory is its own (`python bench.py --one NAME` runs one by hand). It builds the model, warms
+up with one forward/backward and times one training step made of the stages' own functions
+(common.on_policy_rollouts, opd.distill with opd.teacher_velocities, teacher_grpo.grpo_update):
 
     grpo     a Flow-GRPO step on one model (policy LoRA; the KL reference is the adapter switched off):
              the memory reference, and where a step's time goes (rollout / reward / training)
@@ -31,6 +33,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import importlib
 import json
 import multiprocessing
 import os
@@ -38,7 +41,8 @@ import resource
 import sys
 import time
 
-PRELOAD = ["torch", "peft", "diffusers", "transformers", "common", "opd", "teacher_grpo", "rewards", "toy"]
+PRELOAD = ["torch", "peft", "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3", "common", "opd",
+           "teacher_grpo", "rewards", "toy"]  # everything a step imports (the SD3 pipeline brings its models)
 CONFIGS = ["grpo", "shared", "copies"]
 TOKENS = 16  # CLIP context of the random model (the toy's; its longest prompt has 13 tokens)
 TASKS = ["geneval", "ocr", "pickscore"]  # one teacher each, as in the paper; prompts from the toy world
@@ -61,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: shared 2-core machines)")
     p.add_argument("--reward", default=None, help="GRPO reward spec for every task (default: each task's toy reward)")
-    p.add_argument("--profile", action="store_true", help="also write torch.profiler tables <out>/profile_<config>.txt")
+    p.add_argument("--profile", action="store_true",
+                   help="one more GRPO and OPD step under torch.profiler: <out>/profile_{grpo,shared}.txt")
     p.add_argument("--quick", action="store_true", help="a tiny transformer and 5 sampling steps: seconds (the test)")
     p.add_argument("--one", choices=CONFIGS, default=None, help=argparse.SUPPRESS)  # a child process: one config
     args = p.parse_args(argv)
@@ -71,7 +76,7 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- the parent: one subprocess per config
+# ----------------------------------------------------------------------------- the parent: one process per config
 
 def main(args):
     if args.one:
@@ -90,7 +95,8 @@ def main(args):
         child.start()
         child.join()
         if child.exitcode:
-            raise RuntimeError(f"bench configuration {name!r} failed (exit code {child.exitcode}); see its traceback above")
+            raise RuntimeError(f"bench configuration {name!r} failed (exit code {child.exitcode}); "
+                               "its traceback is above")
         with open(os.path.join(args.out, f"{name}.json")) as f:
             results[name] = json.load(f)
     summary = summarize(results)
@@ -119,6 +125,7 @@ def summarize(r):
         "teacher_forwards": shared["teacher_forwards"],
         "teacher_forwards_per_prompt": shared["teacher_forwards_per_prompt"],
         "teacher_time_batched_vs_per_prompt": shared["teacher_time_batched"] / shared["teacher_time_per_prompt"],
+        "adapter_switch_ms": shared["adapter_switch_ms"],
         "fast_teacher_forwards": fast["teacher_forwards"],
         "fast_teacher_steps": fast["teacher_steps"],
         "grpo_split": {k: grpo[k] / grpo["step_time"] for k in ("rollout_time", "reward_time", "train_time")},
@@ -152,6 +159,8 @@ def markdown(s, r):
          f"{shared['teacher_time_per_prompt']:.3f} s per prompt"),
         ("teacher forwards per step with --states 2", f"{s['fast_teacher_forwards']}", "", None,
          f"on sampling steps {s['fast_teacher_steps']}"),
+        ("one adapter switch, common.use_adapter (5 per supervised state)", f"{s['adapter_switch_ms']:.1f} ms", "",
+         None, f"{5 * s['adapter_switch_ms'] * len(shared['supervised_steps']) / 1000:.2f} s of the OPD step"),
         ("sampler / diffusers' StableDiffusion3Pipeline", f"{s['sampler_vs_diffusers']:.2f}x", "<= 1.05x",
          s["sampler_vs_diffusers"] <= 1.05, f"{sec(sampler, 'ours_time')} / {sec(sampler, 'diffusers_time')}"),
         ("GRPO step: rollout / reward / training", " / ".join(f"{100 * split[k]:.0f}%" for k in split), "", None,
@@ -177,9 +186,8 @@ def run_one(args):
     import rewards
     import teacher_grpo
     import toy
-    import peft  # noqa: F401  (everything a step imports, before the baseline)
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: F401
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+    for module in PRELOAD:  # already there when forked from the server; imported here when run by hand
+        importlib.import_module(module)
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
     d = common.setup_distributed(args.device, args.threads)
@@ -215,19 +223,12 @@ def run_one(args):
         train_steps = list(range(max(1, int(stage.steps * stage.timestep_fraction))))
         meter.attach(transformer)
         warm_up(pipe, prompts, max_seq, resolution, d.device)
-        with maybe_profile(args, "grpo", d.device):
-            t0 = meter.start()
-            mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, stage, 0, local, stage.cfg,
-                                                                             d.device, t)
-            t1 = meter.now()
-            scores = common.score(reward_fns, common.decode(pipe, xs[:, -1]), mine).to(d.device)
-            advantages, keep = common.group_advantages(scores, stage.group_size, stage.adv_clip)
-            t2 = meter.now()
-            logs = teacher_grpo.grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs, advantages,
-                                            keep, t, train_steps, stage, d)
-            t3 = meter.now()
-        result.update(meter.report(t3 - t0), rollout_time=t1 - t0, reward_time=t2 - t1, train_time=t3 - t2,
-                      loss=torch.stack(logs).mean(0)[0].item(), memory_mb=peak_memory_mb(d.device, baseline_kb))
+        step = functools.partial(grpo_step, pipe, transformer, optimizer, params, reward_fns, prompts, stage, local, t,
+                                 train_steps, d, meter)
+        result.update(step(), memory_mb=peak_memory_mb(d.device, baseline_kb))
+        if args.profile:  # one more step under torch.profiler, after the measurements
+            with profiled(args.out, "grpo", d.device):
+                step()
     else:
         names = [f"teacher_{task}" for task in TASKS] + ["anchor"]
         if args.one == "copies":  # the released layout: a full copy of the transformer per teacher and anchor
@@ -254,24 +255,57 @@ def run_one(args):
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         meter.attach(transformer)
         warm_up(pipe, prompts, max_seq, resolution, d.device)
-        step = functools.partial(opd_step, pipe, transformer, optimizer, params, prompts, flags, local, t, d, meter, args)
-        result.update(step(teacher_fn, args.one), memory_mb=peak_memory_mb(d.device, baseline_kb))
+        step = functools.partial(opd_step, pipe, transformer, optimizer, params, prompts, flags, local, t, d, meter)
+        result.update(step(teacher_fn), memory_mb=peak_memory_mb(d.device, baseline_kb))
         batch = result.pop("batch")
         # time only, after the memory is read, in the same warm process (separate processes drift on a busy machine)
         if args.one == "copies":  # the same step in our layout, back to back: the time ratio of the layouts
-            result["shared"] = step(attach_adapters(transformer, names, args.rank), "shared_after_copies")
+            result["shared"] = step(attach_adapters(transformer, names, args.rank))
             result["shared"].pop("batch")
         if args.one == "shared":  # the fast settings, one state's teacher calls, the sampler against diffusers
-            result["fast"] = step(teacher_fn, "fast", ["--states", "2", "--student-cfg", "1"])
+            result["fast"] = step(teacher_fn, ["--states", "2", "--student-cfg", "1"])
             result["fast"].pop("batch")
             result.update(bench_teacher_calls(batch, meter))
             result["sampler"] = bench_sampler(pipe, prompts, args, resolution, max_seq, t, d.device, meter)
+            result["adapter_switch_ms"] = adapter_switch_ms(transformer)
+            if args.profile:  # one more step under torch.profiler, after the measurements
+                with profiled(args.out, "shared", d.device):
+                    step(teacher_fn)
     with open(os.path.join(args.out, f"{args.one}.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
 
 
-def opd_step(pipe, transformer, optimizer, params, prompts, flags, local, t, d, meter, args, teacher_fn, name, extra=()):
+def grpo_step(pipe, transformer, optimizer, params, reward_fns, prompts, stage, local, t, train_steps, d, meter):
+    """One Flow-GRPO step as teacher_grpo.py runs it: rollouts, rewards and advantages, teacher_grpo.grpo_update."""
+    import torch
+    import common
+    import teacher_grpo
+    t0 = meter.start()
+    mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, stage, 0, local, stage.cfg,
+                                                                     d.device, t)
+    t1 = meter.now()
+    scores = common.score(reward_fns, common.decode(pipe, xs[:, -1]), mine).to(d.device)
+    advantages, keep = common.group_advantages(scores, stage.group_size, stage.adv_clip)
+    t2 = meter.now()
+    logs = teacher_grpo.grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs, advantages, keep,
+                                    t, train_steps, stage, d)
+    t3 = meter.now()
+    return {**meter.report(t3 - t0), "rollout_time": t1 - t0, "reward_time": t2 - t1, "train_time": t3 - t2,
+            "loss": torch.stack(logs).mean(0)[0].item()}
+
+
+def adapter_switch_ms(transformer, n=20):
+    """Milliseconds of one common.use_adapter switch (opd.py makes 5 a supervised state: teachers, anchor, student)."""
+    import common
+    start = time.perf_counter()
+    for _ in range(n):
+        common.use_adapter(transformer, "anchor")
+        common.use_adapter(transformer, "student")
+    return (time.perf_counter() - start) / (2 * n) * 1000
+
+
+def opd_step(pipe, transformer, optimizer, params, prompts, flags, local, t, d, meter, teacher_fn, extra=()):
     """One OPD step as opd.py runs it (rollouts, then opd.distill), timed and counted by the meter."""
     import torch
     import common
@@ -279,15 +313,14 @@ def opd_step(pipe, transformer, optimizer, params, prompts, flags, local, t, d, 
     stage = opd.parse_args(flags + list(extra))
     teacher_fn = functools.partial(teacher_fn, cfg=stage.teacher_cfg)
     supervised = opd.supervised_steps(stage, 0)
-    with maybe_profile(args, name, d.device):
-        t0 = meter.start()
-        mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, stage, 0, local,
-                                                                         stage.student_cfg, d.device, t)
-        t1 = meter.now()
-        routed = [p.task for p in mine]
-        logs, _, _ = opd.distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs, old_log_probs,
-                                 t, supervised, stage, d)
-        t2 = meter.now()
+    t0 = meter.start()
+    mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, stage, 0, local, stage.student_cfg,
+                                                                     d.device, t)
+    t1 = meter.now()
+    routed = [p.task for p in mine]
+    logs, _, _ = opd.distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs, old_log_probs, t,
+                             supervised, stage, d)
+    t2 = meter.now()
     calls = [c for c in meter.calls if c[0].startswith("teacher_")]
     step_of = lambda v: min(range(len(t)), key=lambda i: abs(t[i].item() - v))  # noqa: E731
     return {**meter.report(t2 - t0), "rollout_time": t1 - t0, "train_time": t2 - t1,
@@ -492,27 +525,26 @@ def bench_sampler(pipe, prompts, args, resolution, max_seq, t, device, meter):
         cond, uncond = common.encode_prompts(pipe, texts, max_seq, device)
         return common.rollout(pipe.transformer, cond, uncond, latents, t, 4.5, 0.0).xs[:, -1]
 
-    times, out = {theirs: 0.0, ours: 0.0}, {}
-    for fn in (theirs, ours, ours, theirs):  # ABBA: a linear drift in the machine's speed cancels
+    times, out = {theirs: [], ours: []}, {}
+    for fn in (theirs, ours, ours, theirs):  # other jobs only ever add time: the faster of two runs each, ABBA
         start = meter.now()
         out[fn] = fn()
-        times[fn] += meter.now() - start
-    return {"ours_time": times[ours] / 2, "diffusers_time": times[theirs] / 2,
+        times[fn].append(meter.now() - start)
+    return {"ours_time": min(times[ours]), "diffusers_time": min(times[theirs]),
             "max_abs_diff": (out[ours].float() - out[theirs].float()).abs().max().item()}
 
 
 @contextlib.contextmanager
-def maybe_profile(args, name, device):
-    """--profile: torch.profiler around a step, its op table written to <out>/profile_<config>.txt."""
-    if not args.profile:
-        yield
-        return
+def profiled(out, name, device):
+    """torch.profiler around a block; its op table (by self time) is written to <out>/profile_<name>.txt."""
     import torch
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         yield
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
+    with open(os.path.join(out, f"profile_{name}.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=30))
 
 

@@ -539,6 +539,18 @@ def train_tokenizer(folder, max_length):
         show_progress=False))
     os.makedirs(folder, exist_ok=True)
     bpe.model.save(folder)
+    # the BPE trainer breaks ties in hash order, so its token ids differ from process to process;
+    # renumber them canonically (specials, the toy words, then the other pieces, each sorted), so that
+    # the same --seed builds the same text encoders. The merges stay as trained: each still ends in a
+    # whole toy word (tests/test_toy.py checks every one).
+    path = os.path.join(folder, "vocab.json")
+    with open(path) as f:
+        tokens = json.load(f)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    words = sorted(w + "</w>" for w in vocabulary() if w + "</w>" in tokens)
+    order = specials + words + sorted(set(tokens) - set(specials) - set(words))
+    with open(path, "w") as f:
+        json.dump({token: i for i, token in enumerate(order)}, f, ensure_ascii=False)
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
                          pad_token="<|endoftext|>", model_max_length=max_length)
 

@@ -193,3 +193,12 @@ def test_region_helpers_on_hand_drawn_masks():
     block[1:4, 1:5] = True
     assert np.argwhere(toy.erode(block)).tolist() == [[2, 2], [2, 3]]
     assert not toy.erode(np.ones((3, 3), bool))[0].any()
+
+
+def test_tokenizer_ids_do_not_depend_on_the_bpe_trainers_tie_breaking(tmp_path):
+    # the trainer breaks ties in hash order (4 trainings here gave 4 different vocab.json files)
+    files = []
+    for i in range(3):
+        toy.train_tokenizer(str(tmp_path / str(i)), 16)
+        files.append((tmp_path / str(i) / "vocab.json").read_bytes())
+    assert files[0] == files[1] == files[2]

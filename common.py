@@ -1027,6 +1027,17 @@ def broadcast_params(params):
                 dist.broadcast(p.data, 0)
 
 
+def make_optimizer(transformer, args):
+    """The transformer's trainable (LoRA) parameters in fp32, whatever the autocast dtype, and equal on
+    every rank; AdamW over them and the optional EMA (--ema). Returns (params, optimizer, ema or None)."""
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    broadcast_params(params)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return params, optimizer, EMA(params, args.ema) if args.ema else None
+
+
 def restore_lora(transformer, name, path):
     """Load the LoRA weights saved in a checkpoint folder into the existing adapter `name`."""
     from peft.utils import set_peft_model_state_dict

@@ -126,12 +126,7 @@ def main(args):
     for n, p in transformer.named_parameters():
         p.requires_grad_(".student." in n)
     common.use_adapter(transformer, "student")
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    common.broadcast_params(params)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ema = common.EMA(params, args.ema) if args.ema else None
+    params, optimizer, ema = common.make_optimizer(transformer, args)
     t = common.timesteps(args.steps, args.shift).to(d.device)
     teacher_fn = functools.partial(teacher_velocities, transformer, adapter_of, anchor, cfg=args.teacher_cfg)
 

@@ -70,12 +70,7 @@ def main(args):
     transformer = pipe.transformer
     torch.manual_seed(args.seed)
     transformer.add_adapter(common.lora_config(args.rank, args.alpha), "policy")
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    common.broadcast_params(params)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ema = common.EMA(params, args.ema) if args.ema else None
+    params, optimizer, ema = common.make_optimizer(transformer, args)
     t = common.timesteps(args.steps, args.shift).to(d.device)
     train_steps = list(range(max(1, int(args.steps * args.timestep_fraction))))
 

@@ -64,3 +64,23 @@ def tiny_model(tmp_path_factory):
 def tiny_pipe(tiny_model):
     import common
     return common.load_pipeline(tiny_model)
+
+
+def write_distill_world(tiny_model, root):
+    """Under root (a pathlib.Path): a data root with two tasks (ocr, pickscore) in Flow-GRPO's layout and
+    three random LoRAs of the tiny model (the ocr and pickscore teachers, a MAR anchor); returns root."""
+    import common
+    for task, lines in {"ocr": ['a sign that says "ab"', 'a sign that says "cd"'], "pickscore": ["a cat", "a dog"]}.items():
+        (root / "data" / task).mkdir(parents=True)
+        for split in ("train", "test"):
+            (root / "data" / task / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    tr = common.load_pipeline(tiny_model).transformer
+    g = torch.Generator().manual_seed(0)
+    for name in ("ocr", "pickscore", "anchor"):
+        tr.add_adapter(common.lora_config(4, 8), name)
+        with torch.no_grad():
+            for n, p in tr.named_parameters():
+                if f".{name}." in n and "lora_B" in n:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        common.save_lora(tr, name, str(root / name))
+    return root

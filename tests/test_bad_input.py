@@ -21,7 +21,7 @@ import evaluate
 import opd
 import rewards
 import teacher_grpo
-from conftest import ROOT
+from conftest import ROOT, write_distill_world
 
 SCRIPTS = {"teacher_grpo": teacher_grpo, "opd": opd, "cold_start": cold_start, "evaluate": evaluate}
 
@@ -31,19 +31,7 @@ def paths(tiny_model, tmp_path_factory):
     """Good and broken inputs: a data root, teacher LoRAs, a LoRA of another base model, a corrupt
     safetensors file, empty folders, a data root with an empty task, a checkpoint with a corrupt state.pt."""
     root = tmp_path_factory.mktemp("bad_input")
-    for task, lines in {"ocr": ['a sign that says "ab"', 'a sign that says "cd"'], "pickscore": ["a cat", "a dog"]}.items():
-        (root / "data" / task).mkdir(parents=True)
-        for split in ("train", "test"):
-            (root / "data" / task / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    tr = common.load_pipeline(tiny_model).transformer
-    g = torch.Generator().manual_seed(0)
-    for name in ("ocr", "pickscore", "anchor"):
-        tr.add_adapter(common.lora_config(4, 8), name)
-        with torch.no_grad():
-            for n, p in tr.named_parameters():
-                if f".{name}." in n and "lora_B" in n:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
-        common.save_lora(tr, name, str(root / name))
+    write_distill_world(tiny_model, root)
     state, config = common.read_lora(str(root / "ocr"))  # the same modules, twice as wide: another base model
     common.write_lora({k: torch.cat([v, v], 1) if "lora_A" in k else v for k, v in state.items()}, config, str(root / "wide"))
     (root / "corrupt").mkdir()

@@ -22,7 +22,7 @@ import opd
 import reward_server
 import rewards
 import teacher_grpo
-from conftest import ROOT
+from conftest import ROOT, write_distill_world
 
 STAGES = {"teacher_grpo": teacher_grpo, "opd": opd, "cold_start": cold_start}
 
@@ -31,19 +31,7 @@ STAGES = {"teacher_grpo": teacher_grpo, "opd": opd, "cold_start": cold_start}
 def world(tiny_model, tmp_path_factory):
     """Two tasks in Flow-GRPO's layout and three random LoRAs (two teachers and a MAR anchor)."""
     root = tmp_path_factory.mktemp("faults")
-    for task, lines in {"ocr": ['a sign that says "ab"', 'a sign that says "cd"'], "pickscore": ["a cat", "a dog"]}.items():
-        (root / "data" / task).mkdir(parents=True)
-        for split in ("train", "test"):
-            (root / "data" / task / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    tr = common.load_pipeline(tiny_model).transformer
-    g = torch.Generator().manual_seed(0)
-    for name in ("ocr", "pickscore", "anchor"):
-        tr.add_adapter(common.lora_config(4, 8), name)
-        with torch.no_grad():
-            for n, p in tr.named_parameters():
-                if f".{name}." in n and "lora_B" in n:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
-        common.save_lora(tr, name, str(root / name))
+    write_distill_world(tiny_model, root)
     return root
 
 

@@ -9,26 +9,14 @@ import torch
 
 import common
 import opd
-from conftest import ROOT
+from conftest import ROOT, write_distill_world
 
 
 @pytest.fixture(scope="module")
 def world(tiny_model, tmp_path_factory):
     """A data root with two tasks, two random teacher LoRAs and a random anchor LoRA."""
     root = tmp_path_factory.mktemp("opd")
-    for task, lines in {"ocr": ['a sign that says "ab"', 'a sign that says "cd"'], "pickscore": ["a cat", "a dog"]}.items():
-        (root / "data" / task).mkdir(parents=True)
-        for split in ("train", "test"):
-            (root / "data" / task / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    tr = common.load_pipeline(tiny_model).transformer
-    g = torch.Generator().manual_seed(0)
-    for name in ("ocr", "pickscore", "anchor"):
-        tr.add_adapter(common.lora_config(4, 8), name)
-        with torch.no_grad():
-            for n, p in tr.named_parameters():
-                if f".{name}." in n and "lora_B" in n:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
-        common.save_lora(tr, name, str(root / name))
+    write_distill_world(tiny_model, root)
     return root
 
 

@@ -961,7 +961,6 @@ def check_resolution(pipe, resolution):
 
 def autocast(device, mixed_precision):
     """torch.autocast for bf16/fp16 (None = bf16 on GPU, fp32 on CPU); a no-op context for fp32."""
-    import contextlib
     precision = mixed_precision or ("bf16" if device.type == "cuda" else "fp32")
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -1025,6 +1024,21 @@ def broadcast_params(params):
         with collective("broadcasting the initial LoRA from rank 0"):
             for p in params:
                 dist.broadcast(p.data, 0)
+
+
+def weight_dtype(mixed_precision):
+    """dtype of the frozen base weights: that of an explicit --mixed-precision bf16/fp16, else fp32
+    (autocast() picks the compute dtype; the trained LoRA is fp32 always, see make_optimizer)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def minibatches(n_local, updates_per_step):
+    """This process's samples split into --updates-per-step minibatches: update k trains on the samples
+    j with j % U == k, the same global samples however many processes share the batch."""
+    if n_local % updates_per_step:
+        raise ValueError(f"samples per process ({n_local}) must divide into --updates-per-step "
+                         f"({updates_per_step}) equal minibatches")
+    return [torch.arange(k, n_local, updates_per_step) for k in range(updates_per_step)]
 
 
 def make_optimizer(transformer, args):

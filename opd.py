@@ -93,14 +93,10 @@ def main(args):
     prompts = common.load_prompts(args.data_root, tasks)
     n_samples = args.batch_size * args.group_size
     local = common.local_slice(n_samples, d.rank, d.world_size)
-    n_local = local.stop - local.start
-    if n_local % args.updates_per_step:
-        raise ValueError(f"samples per process ({n_local}) must divide into --updates-per-step "
-                         f"({args.updates_per_step}) equal minibatches")
+    common.minibatches(local.stop - local.start, args.updates_per_step)  # fails early on a bad split
 
     # 1. one frozen base; teachers, anchor and student are adapters on it
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
-    pipe = common.load_pipeline(args.model, d.device, dtype)
+    pipe = common.load_pipeline(args.model, d.device, common.weight_dtype(args.mixed_precision))
     common.check_resolution(pipe, args.resolution)
     transformer = pipe.transformer
     adapter_of = {}  # task -> adapter name, one adapter per distinct path
@@ -174,9 +170,9 @@ def distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs
     """Steps 3 and 4 on a batch of rollouts: --updates-per-step optimizer updates of the student (the
     active adapter of `transformer`) toward teacher_fn(tasks, x, t, cond, uncond) -> (v_teacher, v_anchor
     or None), routed per sample. Returns the per-state logs and the summed KL per routed task."""
-    n_local = xs.shape[0]
-    logs, kl_sum, kl_count = [], {}, {}
-    for mb in [torch.arange(k, n_local, args.updates_per_step) for k in range(args.updates_per_step)]:
+    logs = []
+    kl_per_sample = torch.zeros(xs.shape[0], dtype=torch.float64, device=xs.device)  # summed over the supervised states
+    for mb in common.minibatches(xs.shape[0], args.updates_per_step):
         optimizer.zero_grad(set_to_none=True)
         global_count = len(mb) * d.world_size * len(steps)
         for chunk in mb.split(args.micro_batch):
@@ -192,11 +188,8 @@ def distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs
                 mar = common.mar_penalty(v, v_anchor, t[i], t[i + 1], args.noise_level, args.mar) \
                     if v_anchor is not None else torch.zeros_like(loss)
                 ((loss + mar).sum() / global_count).backward()
-                with torch.no_grad():
-                    kl = common.step_kl(v, v_teacher, t[i], t[i + 1], args.noise_level)
-                    for task, value in zip(chunk_tasks, kl.tolist()):
-                        kl_sum[task] = kl_sum.get(task, 0.0) + value
-                        kl_count[task] = kl_count.get(task, 0) + 1
+                with torch.no_grad():  # metrics, kept on the device: no host sync per state
+                    kl_per_sample[chunk] += common.step_kl(v, v_teacher, t[i], t[i + 1], args.noise_level).double()
                     mar_kl = common.step_kl(v, v_anchor, t[i], t[i + 1], args.noise_level).mean() \
                         if v_anchor is not None else torch.zeros(())
                 logs.append(torch.stack([(loss + mar).mean(), loss.mean(), mar_kl]).detach())
@@ -204,6 +197,11 @@ def distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         common.check_finite(grad_norm, "the gradient norm (NaN KL or loss?)", args.out)
         optimizer.step()
+    kl_per_sample = kl_per_sample.tolist()
+    kl_sum, kl_count = {}, {}
+    for task, value in zip(routed, kl_per_sample):
+        kl_sum[task] = kl_sum.get(task, 0.0) + value
+        kl_count[task] = kl_count.get(task, 0) + len(steps)
     return logs, kl_sum, kl_count
 
 

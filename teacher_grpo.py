@@ -59,13 +59,10 @@ def main(args):
     reward_fns = {task: rewards.load(spec, server=server) for task, spec in common.parse_rewards(args.reward, tasks).items()}
     n_samples = args.batch_size * args.group_size
     local = common.local_slice(n_samples, d.rank, d.world_size)
-    if (local.stop - local.start) % args.updates_per_step:
-        raise ValueError(f"samples per process ({local.stop - local.start}) must divide into --updates-per-step "
-                         f"({args.updates_per_step}) equal minibatches")
+    common.minibatches(local.stop - local.start, args.updates_per_step)  # fails early on a bad split
 
     # the policy: a LoRA on the frozen base; the KL reference is the same base with the adapter off
-    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16 if args.mixed_precision == "fp16" else torch.float32
-    pipe = common.load_pipeline(args.model, d.device, dtype)
+    pipe = common.load_pipeline(args.model, d.device, common.weight_dtype(args.mixed_precision))
     common.check_resolution(pipe, args.resolution)
     transformer = pipe.transformer
     torch.manual_seed(args.seed)
@@ -135,9 +132,7 @@ def grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs,
     """Step 3 on a batch of rollouts: --updates-per-step optimizer updates of the policy (the active adapter)
     with the PPO-clipped surrogate + beta KL to the base (the adapter switched off). Returns per-state logs."""
     logs = []
-    n_local = xs.shape[0]
-    # update k trains on the global samples j with j % U == k: the same ones however many ranks share them
-    for mb in [torch.arange(k, n_local, args.updates_per_step) for k in range(args.updates_per_step)]:
+    for mb in common.minibatches(xs.shape[0], args.updates_per_step):
         optimizer.zero_grad(set_to_none=True)
         global_count = len(mb) * d.world_size * len(train_steps)  # each loss term is 1/N of the global mean
         for chunk in mb.split(args.micro_batch):

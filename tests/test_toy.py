@@ -121,14 +121,14 @@ def test_geneval_partial_credit_and_strict_correctness():
              "exclude": [{"class": "tower", "count": 4}]}
     four = {"tag": "counting", "include": [{"class": "tower", "count": 4}],
             "exclude": [{"class": "tower", "count": 5}]}
-    images = toy.render_geneval(three, np.random.default_rng(0))[None]
+    images = toy.render_geneval(three)[None]
     (details,) = toy.geneval_details(images, ["a photo of four towers"], [four])
     assert details == {"reward": 0.75, "correct": False, "tag": "counting"}
     (details,) = toy.geneval_details(images, ["a photo of three towers"], [three])
     assert details == {"reward": 1.0, "correct": True, "tag": "counting"}
     # a red tower where a blue one was asked for: the count earns its half, the colour nothing
     row = {"tag": "colors", "include": [{"class": "tower", "count": 1, "color": "blue"}]}
-    image = toy.render_geneval(dict(row, include=[dict(row["include"][0], color="red")]), np.random.default_rng(0))
+    image = toy.render_geneval(dict(row, include=[dict(row["include"][0], color="red")]))
     assert toy.geneval_details(image[None], ["a photo of a blue tower"], [row])[0]["reward"] == 0.5
 
 
@@ -148,11 +148,11 @@ def test_geneval_position_follows_geneval_relations():
 
 
 def test_ocr_reward_is_the_real_formula_over_the_glyph_reader():
-    image = toy.render_ocr('a sign that says "4071"', np.random.default_rng(0))[None]
-    assert toy.read_text(image[0]) == "4071"
-    assert toy.reward_ocr(image, ['a sign that says "4071"'])[0] == 1.0
-    assert toy.reward_ocr(image, ['a sign that says "4079"'])[0] == pytest.approx(0.75)  # 1 - lev / len
-    assert toy.reward_ocr(image, ['a sign that says "07"'])[0] == 1.0  # a substring counts as read
+    image = toy.render_ocr('a sign that says "47"')[None]
+    assert toy.read_text(image[0]) == "47"
+    assert toy.reward_ocr(image, ['a sign that says "47"'])[0] == 1.0
+    assert toy.reward_ocr(image, ['a sign that says "49"'])[0] == pytest.approx(0.5)  # 1 - lev / len
+    assert toy.reward_ocr(image, ['a sign that says "7"'])[0] == 1.0  # a substring counts as read
 
 
 def test_pickscore_pays_noise_as_detail_while_deqa_punishes_it():

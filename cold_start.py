@@ -194,8 +194,7 @@ def init_sft(args):
                           batch_size=args.batch_size, max_steps=args.max_steps, save_every=args.save_every)
     if args.weights is not None or args.merge_rank is not None:
         raise ValueError("--weights and --merge-rank only apply to --init merge")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise ValueError(f"--ema must be a decay in (0, 1), e.g. 0.99, got {args.ema}")
+    common.check_ema(args.ema)
 
     # 1. the training prompts of every task, each routed to its task's teacher   (ROUTE)
     teachers = common.parse_teachers(args.teachers)
@@ -252,12 +251,10 @@ def init_sft(args):
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     ema = common.EMA(params, args.ema) if args.ema else None
-    start = 0
-    checkpoint = common.find_checkpoint(args.resume, args.out)
-    if checkpoint:
-        start = resume_from(checkpoint, transformer, optimizer, ema)
-        if dist.is_main:
-            print(f"resumed from {checkpoint} at step {start}")
+    next_step, checkpoint = common.resume_training(args, transformer, "student", optimizer, ema)
+    start = next_step - 1 if checkpoint else 0  # the last step done; this loop counts steps from 1
+    if checkpoint and dist.is_main:
+        print(f"resumed from {checkpoint} at step {start}")
     model = StudentVelocity(transformer)
     if dist.world_size > 1:
         device_ids = [dist.device] if dist.device.type == "cuda" else None
@@ -400,25 +397,6 @@ def batch_indices(step, batch_size, num_samples, seed):
     epochs = {p // num_samples for p in positions}
     perms = {e: np.random.default_rng([seed, e]).permutation(num_samples) for e in epochs}
     return [int(perms[p // num_samples][p % num_samples]) for p in positions]
-
-
-def resume_from(checkpoint, transformer, optimizer, ema=None):
-    """Restore the student LoRA, the optimizer, the EMA and this rank's RNG from a checkpoint folder;
-    returns its step. The data position is the step itself (batch_indices)."""
-    from peft.utils import set_peft_model_state_dict
-    state = common.load_checkpoint_state(checkpoint)
-    lora, _ = common.read_lora(checkpoint)
-    result = set_peft_model_state_dict(transformer, lora, adapter_name="student")
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
-    if unexpected:
-        raise ValueError(f"checkpoint {checkpoint!r} does not fit the student LoRA (--rank?): {unexpected[:3]}")
-    optimizer.load_state_dict(state["optimizer"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    elif ema is not None:
-        ema.reset()  # a checkpoint of a run without --ema: the average starts here
-    common.set_rng_state(common.rank_rng(state["rng"]))
-    return state["step"]
 
 
 class StudentVelocity(torch.nn.Module):

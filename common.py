@@ -820,8 +820,7 @@ class EMA:
     when on, written as the final LoRA (save_final); training itself uses the raw weights."""
 
     def __init__(self, params, decay):
-        if not 0 < decay < 1:
-            raise ValueError(f"--ema must be a decay in (0, 1), e.g. 0.99, got {decay}")
+        check_ema(decay)
         self.params, self.decay = list(params), decay
         self.reset()
 
@@ -838,6 +837,9 @@ class EMA:
         return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
 
     def load_state_dict(self, state):
+        """A checkpoint's EMA state; None (a checkpoint of a run without --ema) starts the average here."""
+        if state is None:
+            return self.reset()
         for s, saved in zip(self.shadow, state["shadow"], strict=True):
             s.copy_(saved)
 
@@ -854,6 +856,12 @@ class EMA:
             with torch.no_grad():
                 for p, w in zip(self.params, raw):
                     p.copy_(w)
+
+
+def check_ema(decay):
+    """--ema: None (off) or a decay in (0, 1)."""
+    if decay is not None and not 0 < decay < 1:
+        raise ValueError(f"--ema must be a decay in (0, 1), e.g. 0.99, got {decay}")
 
 
 def save_final(transformer, adapter_name, out_dir, ema=None):
@@ -1056,7 +1064,10 @@ def restore_lora(transformer, name, path):
     """Load the LoRA weights saved in a checkpoint folder into the existing adapter `name`."""
     from peft.utils import set_peft_model_state_dict
     state, _ = read_lora(path)
-    set_peft_model_state_dict(transformer, state, adapter_name=name)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if unexpected:
+        raise ValueError(f"checkpoint {path!r} does not fit the {name} LoRA (--rank?): {unexpected[:3]}")
 
 
 def step_prompts(num_prompts, batch_size, seed, step):
@@ -1123,10 +1134,8 @@ def resume_training(args, transformer, adapter_name, optimizer, ema=None):
     state = load_checkpoint_state(checkpoint)
     restore_lora(transformer, adapter_name, checkpoint)
     optimizer.load_state_dict(state["optimizer"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    elif ema is not None:  # a checkpoint of a run without --ema: the average starts here
-        ema.reset()
+    if ema is not None:
+        ema.load_state_dict(state.get("ema"))
     set_rng_state(rank_rng(state["rng"]))
     return state["step"] + 1, checkpoint
 
@@ -1135,8 +1144,7 @@ def check_training_args(args):
     """Checks of add_training_args' flags that argparse cannot make; a bad --resume fails before any work."""
     if args.eval_every < 0:
         raise ValueError(f"--eval-every must be >= 0 (0: never), got {args.eval_every}")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise ValueError(f"--ema must be a decay in (0, 1), e.g. 0.99, got {args.ema}")
+    check_ema(args.ema)
     find_checkpoint(args.resume, args.out)
 
 

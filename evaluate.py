@@ -31,6 +31,7 @@ it is the mean of toy GenEval, toy OCR, toy_deqa / 5 and the toy_pickscore rewar
 holds these factors from a reward to its column.
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -340,21 +341,24 @@ def save_grids(pipe, prompts, out_dir, name, count, seed, steps, guidance_scale,
 # ----------------------------------------------------------------------------- the table
 
 def write_table(out_dir, row):
-    """Put `row` into <out>/table.json (replacing the row of the same model) and rewrite table.md."""
+    """Put `row` into <out>/table.json (replacing the row of the same model) and rewrite table.md.
+    Evaluations of several models into one folder may finish together: the update holds a file lock."""
     path = os.path.join(out_dir, "table.json")
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            rows = json.load(f)["rows"]
-    names = [r["model"] for r in rows]
-    if row["model"] in names:
-        rows[names.index(row["model"])] = row
-    else:
-        rows.append(row)
-    for name, text in (("table.json", json.dumps({"rows": rows}, indent=1)), ("table.md", markdown(rows))):
-        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-            f.write(text + "\n")
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, "table.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        rows = []
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows = json.load(f)["rows"]
+        names = [r["model"] for r in rows]
+        if row["model"] in names:
+            rows[names.index(row["model"])] = row
+        else:
+            rows.append(row)
+        for name, text in (("table.json", json.dumps({"rows": rows}, indent=1)), ("table.md", markdown(rows))):
+            with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+                f.write(text + "\n")
+            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     return rows
 
 

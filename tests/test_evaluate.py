@@ -168,6 +168,27 @@ def test_limit_and_images_per_prompt(tiny_model, data_root, tmp_path, fakes):
     assert "| base |" in (tmp_path / "table.md").read_text()
 
 
+def _write_rows(out_dir, worker, n):
+    for k in range(n):
+        evaluate.write_table(out_dir, {"model": f"w{worker}-{k}", "geneval": 0.5})
+
+
+def test_evaluations_finishing_together_keep_every_row(tmp_path):
+    """runs/toy.sh evaluates two models at once into one folder: no row may be lost."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_write_rows, args=(str(tmp_path), w, 25)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join()
+    assert [p.exitcode for p in workers] == [0] * 4
+    with open(tmp_path / "table.json") as f:
+        names = sorted(r["model"] for r in json.load(f)["rows"])
+    assert names == sorted(f"w{w}-{k}" for w in range(4) for k in range(25))
+    assert (tmp_path / "table.md").read_text().count("| w") == 100
+
+
 def test_summary_is_genevals_mean_over_tags_with_stderr_over_prompts():
     results = [{"task": "geneval", "i": i, "tag": tag, "scores": {"geneval": c}}
                for i, (tag, c) in enumerate([("a", 1.0), ("a", 0.0), ("a", 1.0), ("b", 1.0), ("b", 1.0)])]

@@ -676,17 +676,18 @@ def pretrain(pipe, prompts, args):
 
 # ----------------------------------------------------------------------------- data root (Flow-GRPO's layout)
 
-def write_data(root, train_size, test_size, seed):
+def write_data(root, train_size, test_size, seed, geneval_test_size=None):
     """<root>/geneval/{train,test}_metadata.jsonl, <root>/{ocr,pickscore}/{train,test}.txt.
 
     The prompt spaces are small (GenEval 240 prompts), so the splits share prompts; each split is
-    its own draw, GenEval's tags in turn.
+    its own draw, GenEval's tags in turn. GenEval's test split has geneval_test_size prompts
+    (default test_size): its score is binary per image and needs more prompts for the same error.
     """
     for split, size in [("train", train_size), ("test", test_size)]:
         rng = np.random.default_rng([seed, 1 if split == "train" else 2])
         os.makedirs(os.path.join(root, "geneval"), exist_ok=True)
         with open(os.path.join(root, "geneval", f"{split}_metadata.jsonl"), "w") as f:
-            for i in range(size):
+            for i in range((geneval_test_size or size) if split == "test" else size):
                 f.write(json.dumps(geneval_row(TAGS[i % len(TAGS)], rng)) + "\n")
         for task, make in [("ocr", ocr_prompt), ("pickscore", pickscore_prompt)]:
             os.makedirs(os.path.join(root, task), exist_ok=True)
@@ -788,7 +789,9 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=16, help="CLIP context length (the longest toy prompt is 13)")
     p.add_argument("--train-size", type=int, default=2000, help="train prompts per task")
     p.add_argument("--test-size", type=int, default=256,
-                   help="test prompts per task (binary accuracy near 0.5 has standard error 0.031 at 256)")
+                   help="test prompts of ocr and pickscore (OCR accuracy's standard error: 0.017 at 256)")
+    p.add_argument("--geneval-test-size", type=int, default=512,
+                   help="GenEval test prompts (binary per image: standard error <= 0.02 needs ~450 at the base's 0.4)")
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="test prompts per task scored here (default 96, --quick 8)")
     p.add_argument("--eval-steps", type=int, nargs="+", default=None, help="sampling steps to score (default 10 40)")
@@ -805,7 +808,7 @@ def parse_args(argv=None):
 
 
 WORLD_KEYS = ["seed", "steps", "batch_size", "lr", "cfg_dropout", "layers", "heads", "head_dim", "patch_size",
-              "max_tokens", "train_size", "test_size"]
+              "max_tokens", "train_size", "test_size", "geneval_test_size"]
 
 
 def main(args):
@@ -825,7 +828,7 @@ def main(args):
     for folder in (base, data, os.path.join(args.out, "tokenizer_bpe")):
         shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
-    write_data(data, args.train_size, args.test_size, args.seed)
+    write_data(data, args.train_size, args.test_size, args.seed, args.geneval_test_size)
     pipe = build_pipeline(args)
     prompts = common.load_prompts(data, TASKS, "train")
     longest = max(len(pipe.tokenizer(p.text).input_ids) for p in prompts)

@@ -85,7 +85,7 @@ def test_data_root_has_flow_grpo_layout(quick_world):
         for path in ("geneval/%s_metadata.jsonl", "ocr/%s.txt", "pickscore/%s.txt"):
             assert os.path.isfile(os.path.join(root, path % split))
     prompts = common.load_prompts(root, ["geneval", "ocr", "pickscore"], "test")
-    assert len(prompts) == 3 * 256
+    assert [sum(p.task == t for p in prompts) for t in toy.TASKS] == [512, 256, 256]  # --geneval-test-size
     rows = [p.metadata for p in prompts if p.task == "geneval"]
     assert {r["tag"] for r in rows} == set(toy.TAGS)
     for r in rows:

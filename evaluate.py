@@ -14,6 +14,8 @@ where it stopped, and a finished one is not regenerated. Outputs:
     <out>/table.md                   the paper's layout, Model | GenEval | OCR | DeQA | PickScore | Average
     <out>/grids/<task>/<name>.png    the first --grid prompts of each task, same noise for every model
 
+`python evaluate.py --out OUT --compare A B` prints row A - row B judged prompt by prompt (paired).
+
 Columns, on the paper's scale:
     geneval    GenEval's overall score: the accuracy of its strict per-image `correct`, per tag, averaged over tags
     ocr        OCR accuracy, 1 - min(edit distance, len) / len of the quoted text, in [0, 1]
@@ -82,6 +84,8 @@ def parse_args(argv=None):
                         help="images per prompt (more lowers the standard error on small test sets)")
     parser.add_argument("--grid", type=int, default=8, help="prompts per task in the image grids")
     parser.add_argument("--out", default="out/eval", help="folder of table.json, table.md, grids/ and cache/")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                        help="print A - B, prompt by prompt, from two evaluated rows' caches in --out (no sampling)")
     common.add_reward_server_args(parser)
     return parser.parse_args(argv)
 
@@ -275,6 +279,40 @@ def summarize(results):
     return row
 
 
+def read_results(out_dir, name):
+    """Per-image results of an evaluated row, from its cache: {(task, i, j): result}."""
+    cache_dir = os.path.join(out_dir, "cache", re.sub(r"[^\w.+-]+", "_", name).strip("._"))
+    if not os.path.isdir(cache_dir):
+        raise FileNotFoundError(f"no evaluation of {name!r} in {out_dir} (no {cache_dir}); evaluate it first")
+    results = {}
+    for file in sorted(f for f in os.listdir(cache_dir) if f.endswith(".jsonl")):
+        with open(os.path.join(cache_dir, file)) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:  # the half-written last line of a killed run
+                    continue
+                results[(file[:-len(".jsonl")], r["i"], r["j"])] = {"task": file[:-len(".jsonl")], **r}
+    return results
+
+
+def paired_difference(out_dir, a, b):
+    """Row A - row B on the images both have. Every row sees the same prompts and noise, so the
+    difference is judged prompt by prompt: its standard error leaves out what the prompts share
+    (how hard each one is), and is smaller than the two rows' own errors combined. Every column is
+    linear in the per-image scores, GenEval's mean over tags and the Average included, so this is
+    summarize() of the per-image differences."""
+    ra, rb = read_results(out_dir, a), read_results(out_dir, b)
+    both = sorted(set(ra) & set(rb))
+    if not both:
+        raise ValueError(f"rows {a!r} and {b!r} have no image in common (other tasks, splits or --limit?)")
+    if any(ra[k]["prompt"] != rb[k]["prompt"] for k in both):
+        raise ValueError(f"rows {a!r} and {b!r} were evaluated on different prompt files")
+    diffs = [{**ra[k], "scores": {c: ra[k]["scores"][c] - rb[k]["scores"][c]
+                                  for c in ra[k]["scores"] if c in rb[k]["scores"]}} for k in both]
+    return {"model": f"{a} - {b}", **summarize(diffs)}
+
+
 # ----------------------------------------------------------------------------- the in-process entry point
 
 def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resolution=512, max_sequence_length=256,
@@ -427,6 +465,11 @@ def weights_id(transformer):
 
 
 def main(args):
+    if args.compare:
+        row = paired_difference(args.out, *args.compare)
+        print("Paired difference (same prompts and noise), ± its standard error over prompts:\n")
+        print(markdown([row]).split("\n\nScores")[0])
+        return row
     ddp = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     args = common.resolve_model_args(args)
     common.check_positive(steps=args.steps, batch_size=args.batch_size, images_per_prompt=args.images_per_prompt,

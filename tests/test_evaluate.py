@@ -189,6 +189,38 @@ def test_evaluations_finishing_together_keep_every_row(tmp_path):
     assert (tmp_path / "table.md").read_text().count("| w") == 100
 
 
+def _write_cache(out, name, geneval, ocr, prompts=None):
+    folder = out / "cache" / name
+    folder.mkdir(parents=True)
+    lines = [{"i": i, "j": 0, "prompt": f"g{i}", "tag": "ab"[i % 2], "scores": {"geneval": c, "deqa": 3.0 + c}}
+             for i, c in enumerate(geneval)]
+    (folder / "geneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    lines = [{"i": i, "j": 0, "prompt": (prompts or {}).get(i, f"o{i}"), "scores": {"ocr": s}} for i, s in enumerate(ocr)]
+    (folder / "ocr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"i": 9, "j"')  # killed mid-line
+
+
+def test_compare_judges_two_rows_prompt_by_prompt(tmp_path):
+    rng = np.random.default_rng(0)
+    hard = rng.random(40)  # what the prompts share: both rows find the same prompts hard
+    ocr_a, ocr_b = hard + 0.05 + 0.01 * rng.standard_normal(40), hard
+    gen_a, gen_b = [1.0, 1.0, 0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    _write_cache(tmp_path, "A", gen_a, ocr_a.tolist())
+    _write_cache(tmp_path, "B", gen_b, ocr_b.tolist())
+    row = evaluate.main(evaluate.parse_args(["--out", str(tmp_path), "--compare", "A", "B"]))
+    d = ocr_a - ocr_b
+    assert row["model"] == "A - B"
+    assert row["ocr"] == pytest.approx(d.mean()) and row["stderr"]["ocr"] == pytest.approx(d.std(ddof=1) / np.sqrt(40))
+    assert row["stderr"]["ocr"] < 0.01 < np.std(ocr_a, ddof=1) / np.sqrt(40)  # far below the unpaired error
+    by_tag = [np.mean(np.subtract(gen_a, gen_b)[t::2]) for t in (0, 1)]  # tags a, b alternate
+    assert row["geneval"] == pytest.approx(np.mean(by_tag)) == pytest.approx(1 / 3)
+    assert row["deqa"] == pytest.approx(2 / 6)  # DeQA exists on GenEval images only here
+    _write_cache(tmp_path, "C", gen_b, ocr_b.tolist(), prompts={3: "another prompt"})
+    with pytest.raises(ValueError, match="different prompt files"):
+        evaluate.paired_difference(str(tmp_path), "A", "C")
+    with pytest.raises(FileNotFoundError, match="evaluate it first"):
+        evaluate.paired_difference(str(tmp_path), "A", "missing")
+
+
 def test_summary_is_genevals_mean_over_tags_with_stderr_over_prompts():
     results = [{"task": "geneval", "i": i, "tag": tag, "scores": {"geneval": c}}
                for i, (tag, c) in enumerate([("a", 1.0), ("a", 0.0), ("a", 1.0), ("b", 1.0), ("b", 1.0)])]

@@ -51,8 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-prompt", type=int, default=1, help="teacher samples kept per prompt")
     p.add_argument("--best-of", type=int, default=1,
                    help="draw N teacher samples for each kept one and keep the best by --reward")
-    p.add_argument("--reward", default="geneval=geneval,ocr=ocr,pickscore=pickscore",
-                   help="task=reward,... for --best-of (a name or blend of rewards.py)")
+    p.add_argument("--reward", default=None,
+                   help="the reward --best-of ranks by, as in teacher_grpo.py: one for every task ('ocr', "
+                        "'deqa:0.4,pickscore:0.6') or per task ('geneval=toy_geneval;ocr=toy_ocr'); "
+                        "default: each task's reward named like the task")
     p.add_argument("--steps", type=int, default=40, help="teacher sampling steps (the eval setting)")
     p.add_argument("--cfg", type=float, default=4.5, help="teacher guidance scale w in (CFG)")
     p.add_argument("--sample-batch-size", type=int, default=16, help="images per teacher forward batch")
@@ -310,21 +312,9 @@ def select_prompts(prompts, max_prompts, seed):
 
 
 def load_rewards(spec, tasks, server=None):
-    """--reward task=reward,... -> {task: fn(images, prompts, metadata)}; a blend 'a:0.4,b:0.6' may follow '='."""
+    """--reward, the same format as teacher_grpo.py's (common.parse_rewards) -> {task: fn(images, prompts, metadata)}."""
     import rewards
-    names = {}
-    for item in spec.split(","):
-        task, sep, name = item.partition("=")
-        if sep:
-            names[task.strip()] = name.strip()
-        elif names:
-            names[list(names)[-1]] += "," + item.strip()  # the next component of a blend
-        else:
-            raise ValueError(f"--reward {spec!r}: expected task=reward,... (e.g. ocr=ocr,pickscore=pickscore)")
-    missing = [task for task in tasks if task not in names]
-    if missing:
-        raise ValueError(f"--best-of needs a reward for every task; --reward names none for {missing}")
-    return {task: rewards.load(names[task], server=server) for task in tasks}
+    return {task: rewards.load(name, server=server) for task, name in common.parse_rewards(spec, tasks).items()}
 
 
 def sample_settings(args, teachers, tasks):

@@ -81,7 +81,7 @@ CASES = {
     "unknown reward of a task": ("teacher_grpo", ["--reward", "ocr=nope"], r"unknown reward 'nope'; known rewards: ocr, "),
     "task without a reward": ("teacher_grpo", ["--tasks", "ocr,pickscore", "--reward", "ocr=jpeg"],
                               r"--reward gives no reward for task\(s\) \['pickscore'\]; it names \['ocr'\]"),
-    "unknown best-of reward (sft)": ("cold_start", ["--best-of", "2", "--reward", "ocr=nope,pickscore=jpeg"],
+    "unknown best-of reward (sft)": ("cold_start", ["--best-of", "2", "--reward", "ocr=nope;pickscore=jpeg"],
                                      r"unknown reward 'nope'"),
     "zero reward-server attempts": ("teacher_grpo", ["--reward-attempts", "0"], r"--reward-attempts must be a positive number, got 0"),
     "negative reward-server backoff": ("evaluate", ["--reward-backoff", "-1"], r"--reward-backoff must be >= 0 seconds, got -1.0"),

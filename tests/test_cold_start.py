@@ -219,7 +219,7 @@ def test_best_of_keeps_the_highest_reward_candidate(tiny_model, teachers, tmp_pa
     root, out = write_data_root(str(tmp_path / "data")), str(tmp_path / "out")
     cold_start.main(sft_args(tiny_model, teachers, root, out, "--best-of", "3", "--samples-per-prompt", "2",
                              "--max-prompts", "1", "--max-steps", "1",
-                             "--reward", "objects=brightness,signs=brightness"))
+                             "--reward", "objects=brightness;signs=brightness"))
     shard = torch.load(cold_start.shard_path(os.path.join(out, "samples"), 0))
     assert len(shard["texts"]) == 4 and shard["rewards"].shape == (4, 3)
     pipe = common.load_pipeline(tiny_model)
@@ -259,7 +259,7 @@ def test_bad_merge_input_names_the_problem_and_writes_nothing(teachers, tmp_path
 @pytest.mark.parametrize("case,error,match", [
     ("task_without_teacher", ValueError, "no teacher for task\\(s\\) \\['signs'\\]"),
     ("missing_adapter", FileNotFoundError, "does not exist"),
-    ("best_of_without_reward", ValueError, "names none for \\['signs'\\]"),
+    ("best_of_without_reward", ValueError, "gives no reward for task\\(s\\) \\['signs'\\]"),
     ("only_base_teachers", ValueError, "needs a LoRA teacher"),
 ])
 def test_bad_sft_input_names_the_problem_and_writes_nothing(tiny_model, teachers, tmp_path, case, error, match):

@@ -187,22 +187,31 @@ def read_cache(cache_dir, settings):
     with open(path, "w") as f:
         json.dump(settings, f, indent=1)
     done = {}
-    for name in sorted(os.listdir(cache_dir)):
-        if not name.endswith(".jsonl"):
-            continue
-        path, good = os.path.join(cache_dir, name), []
-        with open(path) as f:
-            for line in f:
-                try:
-                    result = json.loads(line)
-                except ValueError:  # the half-written last line of a killed run
-                    continue
-                good.append(line.rstrip("\n") + "\n")
-                done[(name[:-len(".jsonl")], result["i"], result["j"])] = result
+    for name in sorted(n for n in os.listdir(cache_dir) if n.endswith(".jsonl")):
+        path = os.path.join(cache_dir, name)
+        entries = read_cache_file(path)
+        done.update({(name[:-len(".jsonl")], r["i"], r["j"]): r for _, r in entries})
         with open(path + ".tmp", "w") as f:  # without the broken line, so appending starts on a fresh line
-            f.writelines(good)
+            f.writelines(line for line, _ in entries)
         os.replace(path + ".tmp", path)
     return done
+
+
+def read_cache_file(path):
+    """[(line, result)] of one task's cache file, in order, without the half-written last line of a killed run."""
+    entries = []
+    with open(path) as f:
+        for line in f:
+            try:
+                entries.append((line.rstrip("\n") + "\n", json.loads(line)))
+            except ValueError:
+                continue
+    return entries
+
+
+def cache_name(name):
+    """The file name of a row's cache folder and grids."""
+    return re.sub(r"[^\w.+-]+", "_", name).strip("._")
 
 
 def append_cache(cache_dir, results):
@@ -281,18 +290,14 @@ def summarize(results):
 
 def read_results(out_dir, name):
     """Per-image results of an evaluated row, from its cache: {(task, i, j): result}."""
-    cache_dir = os.path.join(out_dir, "cache", re.sub(r"[^\w.+-]+", "_", name).strip("._"))
+    cache_dir = os.path.join(out_dir, "cache", cache_name(name))
     if not os.path.isdir(cache_dir):
         raise FileNotFoundError(f"no evaluation of {name!r} in {out_dir} (no {cache_dir}); evaluate it first")
     results = {}
     for file in sorted(f for f in os.listdir(cache_dir) if f.endswith(".jsonl")):
-        with open(os.path.join(cache_dir, file)) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:  # the half-written last line of a killed run
-                    continue
-                results[(file[:-len(".jsonl")], r["i"], r["j"])] = {"task": file[:-len(".jsonl")], **r}
+        task = file[:-len(".jsonl")]
+        results.update({(task, r["i"], r["j"]): {"task": task, **r}
+                        for _, r in read_cache_file(os.path.join(cache_dir, file))})
     return results
 
 
@@ -476,7 +481,7 @@ def main(args):
                           **({"limit": args.limit} if args.limit is not None else {}))
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip() and a.strip() != "base"]
     name = args.name or ("+".join(adapters) if adapters else "base")
-    file_name = re.sub(r"[^\w.+-]+", "_", name).strip("._")  # of the grids and the cache
+    file_name = cache_name(name)
     toy = args.toy or bool(os.path.isdir(args.model) and common.model_defaults(args.model))
     specs = metric_specs(args.metrics, toy)
     tasks = select_tasks(args.tasks, args.data_root, specs)

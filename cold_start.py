@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=32, help="student LoRA rank")
     p.add_argument("--alpha", type=int, default=64, help="student LoRA alpha")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="share of samples trained with the empty prompt, i.e. the unconditional branch of (CFG)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks together)")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -197,6 +199,8 @@ def init_sft(args):
     if args.weights is not None or args.merge_rank is not None:
         raise ValueError("--weights and --merge-rank only apply to --init merge")
     common.check_ema(args.ema)
+    if not 0 <= args.caption_dropout <= 1:
+        raise ValueError(f"--caption-dropout {args.caption_dropout} is a share of samples: give a number in [0, 1]")
 
     # 1. the training prompts of every task, each routed to its task's teacher   (ROUTE)
     teachers = common.parse_teachers(args.teachers)
@@ -274,7 +278,11 @@ def init_sft(args):
         generators = common.sample_generators(args.seed, step, positions)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(dist.device)
         t = torch.cat([common.sample_train_t(1, args.shift, generator=g) for g in generators]).to(dist.device)  # (FM)
-        cond, _ = common.encode_prompts(pipe, texts, args.max_sequence_length, dist.device)  # CFG-free training
+        # caption dropout: a share of the samples trains the unconditional ("") branch that (CFG) steers from;
+        # left out, the student LoRA moves that branch unsupervised and guidance amplifies the drift
+        drop = torch.tensor([torch.rand(1, generator=g).item() < args.caption_dropout for g in generators])
+        cond, uncond = common.encode_prompts(pipe, texts, args.max_sequence_length, dist.device)
+        cond = [torch.where(drop.view(-1, *[1] * (c.dim() - 1)).to(c.device), u, c) for c, u in zip(cond, uncond)]
         with common.autocast(dist.device, args.mixed_precision):
             v = model(common.add_noise(x0, noise, t), t, *cond)  # (FM)
         loss = common.fm_loss(v, x0, noise)  # (FM)

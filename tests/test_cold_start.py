@@ -261,13 +261,39 @@ def test_bad_merge_input_names_the_problem_and_writes_nothing(teachers, tmp_path
     ("missing_adapter", FileNotFoundError, "does not exist"),
     ("best_of_without_reward", ValueError, "gives no reward for task\\(s\\) \\['signs'\\]"),
     ("only_base_teachers", ValueError, "needs a LoRA teacher"),
+    ("caption_dropout_above_one", ValueError, "--caption-dropout 1.5 is a share"),
 ])
 def test_bad_sft_input_names_the_problem_and_writes_nothing(tiny_model, teachers, tmp_path, case, error, match):
     root, out = write_data_root(str(tmp_path / "data")), tmp_path / "out"
     argv = {"task_without_teacher": ["--teachers", f"objects={teachers['peft'][0]}", "--tasks", "objects,signs"],
             "missing_adapter": ["--teachers", f"objects={tmp_path / 'nope'},signs={teachers['peft'][0]}"],
             "best_of_without_reward": ["--best-of", "2", "--reward", "objects=jpeg"],
-            "only_base_teachers": ["--teachers", "objects=base,signs=base"]}[case]
+            "only_base_teachers": ["--teachers", "objects=base,signs=base"],
+            "caption_dropout_above_one": ["--caption-dropout", "1.5"]}[case]
     with pytest.raises(error, match=match):
         cold_start.main(sft_args(tiny_model, teachers, root, str(out), *argv))  # the later flag wins
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 1.0])
+def test_caption_dropout_trains_the_unconditional_branch(tiny_model, teachers, sft_run, tmp_path, monkeypatch, dropout):
+    """--caption-dropout p: that share of samples is trained with the empty prompt's embeddings, CFG's
+    unconditional branch (p = 1: every sample; p = 0: none)."""
+    root, _ = sft_run
+    seen = []
+    forward = cold_start.StudentVelocity.forward
+
+    def spy(self, x, t, prompt_embeds, pooled):
+        seen.append((prompt_embeds.detach().clone(), pooled.detach().clone()))
+        return forward(self, x, t, prompt_embeds, pooled)
+    monkeypatch.setattr(cold_start.StudentVelocity, "forward", spy)
+    out = str(tmp_path / "out")
+    cold_start.main(sft_args(tiny_model, teachers, root, out, "--max-steps", "1", "--caption-dropout", str(dropout)))
+    pipe = common.load_pipeline(tiny_model)
+    shard = torch.load(cold_start.shard_path(os.path.join(out, "samples"), 0))
+    (embeds, pooled), = seen
+    step_texts = [shard["texts"][i] for i in cold_start.batch_indices(1, 2, len(shard["texts"]), 0)]
+    cond, uncond = common.encode_prompts(pipe, step_texts, max_sequence_length=1)
+    expected = uncond if dropout == 1.0 else cond
+    assert torch.allclose(embeds, expected[0], atol=1e-6) and torch.allclose(pooled, expected[1], atol=1e-6)
+    assert not torch.allclose(cond[1], uncond[1], atol=1e-3)  # the two branches do differ here

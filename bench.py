@@ -220,7 +220,7 @@ def run_one(args):
         params = trainable(transformer)
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         reward_fns = {task: rewards.load(args.reward or f"toy_{task}") for task in TASKS}
-        train_steps = list(range(max(1, int(stage.steps * stage.timestep_fraction))))
+        train_steps = list(range(common.trained_steps(stage)))
         meter.attach(transformer)
         warm_up(pipe, prompts, max_seq, resolution, d.device)
         step = functools.partial(grpo_step, pipe, transformer, optimizer, params, reward_fns, prompts, stage, local, t,

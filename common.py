@@ -135,18 +135,22 @@ def guided_velocity(transformer, x, t, cond, uncond, guidance_scale):
 
 
 @torch.no_grad()
-def rollout(transformer, cond, uncond, latents, timesteps, guidance_scale, noise_level, generator=None):
+def rollout(transformer, cond, uncond, latents, timesteps, guidance_scale, noise_level, generator=None,
+            sde_steps=None):
     """Sample with the SDE sampler over `timesteps` (noise_level 0: the Euler ODE, = StableDiffusion3Pipeline).
 
     cond / uncond: (prompt_embeds, pooled_prompt_embeds), one row per latent. generator: one
     torch.Generator or a list with one per sample (then a sample's noise does not depend on its batch).
-    Returns xs [B, T + 1, ...] (xs[:, 0] = latents) and log_probs [B, T].
+    sde_steps: only the first this many steps are SDE steps, the rest follow the ODE (MixGRPO's window;
+    None: every step, as Flow-GRPO). Returns xs [B, T + 1, ...] (xs[:, 0] = latents) and log_probs [B, T]
+    (0 on ODE steps).
     """
     x = latents.float()
     xs, log_probs = [x], []
     for i in range(len(timesteps) - 1):
         v = guided_velocity(transformer, x, timesteps[i], cond, uncond, guidance_scale)
-        x, log_prob, _, _ = sde_step(v, x, timesteps[i], timesteps[i + 1], noise_level, generator=generator)
+        level = noise_level if sde_steps is None or i < sde_steps else 0.0
+        x, log_prob, _, _ = sde_step(v, x, timesteps[i], timesteps[i + 1], level, generator=generator)
         xs.append(x)
         log_probs.append(log_prob)
     return Rollout(torch.stack(xs, 1), torch.stack(log_probs, 1))
@@ -928,6 +932,9 @@ def add_training_args(parser):
     parser.add_argument("--noise-level", type=float, default=0.7, help="a in (SDE)")
     parser.add_argument("--timestep-fraction", type=float, default=0.99,
                         help="share of a rollout's steps trained on (0.99 of 10 = all but the last)")
+    parser.add_argument("--sde-window", choices=["all", "trained"], default="all",
+                        help="rollout steps that inject noise: all (Flow-GRPO) or only the trained ones, the rest "
+                             "following the ODE, so the rewarded image holds no untrained noise (MixGRPO)")
     parser.add_argument("--clip-range", type=float, default=1e-4, help="PPO clip eps in (GRPO) / --loss pg")
     parser.add_argument("--updates-per-step", type=int, default=2,
                         help="optimizer updates per batch of rollouts (later ones are off-policy: PPO's ratio)")
@@ -1174,6 +1181,11 @@ def cli(main, parse_args):
         sys.exit(1 if isinstance(e, faults) else 2)
 
 
+def trained_steps(args):
+    """How many leading steps of a rollout the on-policy stages train on (--timestep-fraction of --steps)."""
+    return max(1, int(args.steps * args.timestep_fraction))
+
+
 def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device, t):
     """A step's SDE rollouts of the active adapter: G consecutive samples per prompt, each sample's
     prompt and noise a function of (seed, step, global sample index). Returns this rank's
@@ -1186,5 +1198,6 @@ def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device,
     gens = sample_generators(args.seed, step, range(n_samples)[local])
     with autocast(device, args.mixed_precision):
         latents = initial_latents(pipe, args.resolution, gens, device)
-        xs, log_probs = rollout(pipe.transformer, cond, uncond, latents, t, guidance_scale, args.noise_level, gens)
+        xs, log_probs = rollout(pipe.transformer, cond, uncond, latents, t, guidance_scale, args.noise_level, gens,
+                                sde_steps=trained_steps(args) if args.sde_window == "trained" else None)
     return mine, cond, uncond, xs, log_probs

@@ -59,7 +59,7 @@ def validate(args, tasks, teachers):
     if args.noise_level <= 0:
         raise ValueError(f"--noise-level must be > 0 for on-policy SDE rollouts and their KL, got {args.noise_level}")
     common.check_training_args(args)
-    n_trained = max(1, int(args.steps * args.timestep_fraction))
+    n_trained = common.trained_steps(args)
     if args.states is not None and not 0 < args.states <= n_trained:
         raise ValueError(f"--states {args.states} must be between 1 and the {n_trained} trained steps of a rollout")
     if args.route == "single" and args.single_teacher not in teachers:
@@ -76,7 +76,7 @@ def validate(args, tasks, teachers):
 def supervised_steps(args, step):
     """Trained step indices: all but the last by default; with --states K, K of the low-noise half
     (DanceOPD supervises states the student visits near the data), drawn per step from (seed, step)."""
-    n_trained = max(1, int(args.steps * args.timestep_fraction))
+    n_trained = common.trained_steps(args)
     if args.states is None:
         return list(range(n_trained))
     low_noise = list(range(n_trained // 2, n_trained)) if args.states <= n_trained - n_trained // 2 else list(range(n_trained))

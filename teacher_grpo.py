@@ -69,7 +69,7 @@ def main(args):
     transformer.add_adapter(common.lora_config(args.rank, args.alpha), "policy")
     params, optimizer, ema = common.make_optimizer(transformer, args)
     t = common.timesteps(args.steps, args.shift).to(d.device)
-    train_steps = list(range(max(1, int(args.steps * args.timestep_fraction))))
+    train_steps = list(range(common.trained_steps(args)))
 
     start, checkpoint = common.resume_training(args, transformer, "policy", optimizer, ema)
     os.makedirs(args.out, exist_ok=True)

@@ -135,6 +135,35 @@ def test_rollout_log_probs_score_their_own_transitions(tiny_pipe):
             assert torch.allclose(scored.log_prob, out.log_probs[:, i], atol=1e-4)
 
 
+def test_rollout_sde_window_is_sde_then_euler_ode(tiny_pipe):
+    """sde_steps=2 of 4: two noisy SDE steps (scored by their log-probs), then plain Euler steps with log-prob 0."""
+    cond, uncond = common.encode_prompts(tiny_pipe, ["a red cat"], max_sequence_length=1)
+    latents = common.initial_latents(tiny_pipe, 8, common.sample_generators(0, 0, [0]), "cpu")
+    t = common.timesteps(4)
+    out = common.rollout(tiny_pipe.transformer, cond, uncond, latents, t, 4.5, 0.7,
+                         generator=common.sample_generators(0, 0, [0]), sde_steps=2)
+    with torch.no_grad():
+        for i in range(4):
+            v = common.guided_velocity(tiny_pipe.transformer, out.xs[:, i], t[i], cond, uncond, 4.5)
+            euler = out.xs[:, i] + (t[i + 1] - t[i]) * v
+            if i < 2:
+                assert not torch.allclose(out.xs[:, i + 1], euler, atol=1e-3) and out.log_probs[0, i] != 0
+            else:
+                assert torch.allclose(out.xs[:, i + 1], euler, atol=1e-5) and out.log_probs[0, i] == 0
+
+
+@pytest.mark.parametrize("window,noisy", [("all", [True, True, True, True]), ("trained", [True, True, False, False])])
+def test_sde_window_flag_limits_noise_to_the_trained_steps(tiny_pipe, window, noisy):
+    import teacher_grpo
+    args = teacher_grpo.parse_args(["--steps", "4", "--timestep-fraction", "0.5", "--sde-window", window,
+                                    "--batch-size", "1", "--group-size", "2", "--max-sequence-length", "1",
+                                    "--resolution", "8"])
+    prompts = [common.Prompt("a red cat", "objects", {})]
+    *_, log_probs = common.on_policy_rollouts(tiny_pipe, prompts, args, 1, slice(0, 2), 4.5, torch.device("cpu"),
+                                              common.timesteps(4))
+    assert (log_probs != 0).all(0).tolist() == noisy
+
+
 def test_sample_noise_does_not_depend_on_the_batch(tiny_pipe):
     cond, uncond = common.encode_prompts(tiny_pipe, ["a red cat", "a dog"], max_sequence_length=1)
     t = common.timesteps(3)

@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=32, help="student LoRA rank")
     p.add_argument("--alpha", type=int, default=64, help="student LoRA alpha")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--train-shift", type=float, default=None,
+                   help="shift of the logit-normal training times t (default --shift, as SD3's LoRA training; "
+                        "1: no shift, the low-noise steps trained as often as the high-noise ones)")
     p.add_argument("--caption-dropout", type=float, default=0.0,
                    help="share of samples trained with the empty prompt, i.e. the unconditional branch of (CFG)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks together)")
@@ -267,6 +270,7 @@ def init_sft(args):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     logger = common.MetricsLogger(args.out, enabled=dist.is_main, resume_step=start)
     per_rank = args.batch_size // dist.world_size
+    train_shift = args.shift if args.train_shift is None else args.train_shift
     for step in tqdm(range(start + 1, args.max_steps + 1), initial=start, total=args.max_steps, desc="sft",
                      disable=not dist.is_main):
         global_batch = batch_indices(step, args.batch_size, len(samples), args.seed)
@@ -277,7 +281,7 @@ def init_sft(args):
         # one generator per global batch position: the same noise and t on any number of ranks
         generators = common.sample_generators(args.seed, step, positions)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(dist.device)
-        t = torch.cat([common.sample_train_t(1, args.shift, generator=g) for g in generators]).to(dist.device)  # (FM)
+        t = torch.cat([common.sample_train_t(1, train_shift, generator=g) for g in generators]).to(dist.device)  # (FM)
         # caption dropout: a share of the samples trains the unconditional ("") branch that (CFG) steers from;
         # left out, the student LoRA moves that branch unsupervised and guidance amplifies the drift
         drop = torch.tensor([torch.rand(1, generator=g).item() < args.caption_dropout for g in generators])

@@ -297,3 +297,23 @@ def test_caption_dropout_trains_the_unconditional_branch(tiny_model, teachers, s
     expected = uncond if dropout == 1.0 else cond
     assert torch.allclose(embeds, expected[0], atol=1e-6) and torch.allclose(pooled, expected[1], atol=1e-6)
     assert not torch.allclose(cond[1], uncond[1], atol=1e-3)  # the two branches do differ here
+
+
+@pytest.mark.parametrize("flags,shift", [((), 3.0), (("--train-shift", "1"), 1.0)])
+def test_train_shift_sets_the_training_times(tiny_model, teachers, sft_run, tmp_path, monkeypatch, flags, shift):
+    """t = shift u / (1 + (shift - 1) u), u = sigmoid(N(0, 1)) drawn after each sample's noise (FM); default --shift."""
+    root, _ = sft_run
+    seen = []
+    forward = cold_start.StudentVelocity.forward
+
+    def spy(self, x, t, prompt_embeds, pooled):
+        seen.append(t.detach().clone())
+        return forward(self, x, t, prompt_embeds, pooled)
+    monkeypatch.setattr(cold_start.StudentVelocity, "forward", spy)
+    cold_start.main(sft_args(tiny_model, teachers, root, str(tmp_path / "out"), "--max-steps", "1", *flags))
+    expected = []
+    for g in common.sample_generators(0, 1, range(2)):
+        torch.randn(4, 8, 8, generator=g)  # the sample's noise comes first
+        u = torch.sigmoid(torch.randn(1, generator=g))
+        expected.append(shift * u / (1 + (shift - 1) * u))
+    assert torch.allclose(seen[0], torch.cat(expected), atol=1e-6)

@@ -275,23 +275,29 @@ def test_bad_sft_input_names_the_problem_and_writes_nothing(tiny_model, teachers
     assert not out.exists()
 
 
+def record_student_inputs(monkeypatch):
+    """A list that collects (x, t, prompt_embeds, pooled) of every student forward in SFT training."""
+    seen = []
+    forward = cold_start.StudentVelocity.forward
+
+    def spy(self, *inputs):
+        seen.append(tuple(i.detach().clone() for i in inputs))
+        return forward(self, *inputs)
+    monkeypatch.setattr(cold_start.StudentVelocity, "forward", spy)
+    return seen
+
+
 @pytest.mark.parametrize("dropout", [0.0, 1.0])
 def test_caption_dropout_trains_the_unconditional_branch(tiny_model, teachers, sft_run, tmp_path, monkeypatch, dropout):
     """--caption-dropout p: that share of samples is trained with the empty prompt's embeddings, CFG's
     unconditional branch (p = 1: every sample; p = 0: none)."""
     root, _ = sft_run
-    seen = []
-    forward = cold_start.StudentVelocity.forward
-
-    def spy(self, x, t, prompt_embeds, pooled):
-        seen.append((prompt_embeds.detach().clone(), pooled.detach().clone()))
-        return forward(self, x, t, prompt_embeds, pooled)
-    monkeypatch.setattr(cold_start.StudentVelocity, "forward", spy)
+    seen = record_student_inputs(monkeypatch)
     out = str(tmp_path / "out")
     cold_start.main(sft_args(tiny_model, teachers, root, out, "--max-steps", "1", "--caption-dropout", str(dropout)))
     pipe = common.load_pipeline(tiny_model)
     shard = torch.load(cold_start.shard_path(os.path.join(out, "samples"), 0))
-    (embeds, pooled), = seen
+    (_, _, embeds, pooled), = seen
     step_texts = [shard["texts"][i] for i in cold_start.batch_indices(1, 2, len(shard["texts"]), 0)]
     cond, uncond = common.encode_prompts(pipe, step_texts, max_sequence_length=1)
     expected = uncond if dropout == 1.0 else cond
@@ -303,17 +309,11 @@ def test_caption_dropout_trains_the_unconditional_branch(tiny_model, teachers, s
 def test_train_shift_sets_the_training_times(tiny_model, teachers, sft_run, tmp_path, monkeypatch, flags, shift):
     """t = shift u / (1 + (shift - 1) u), u = sigmoid(N(0, 1)) drawn after each sample's noise (FM); default --shift."""
     root, _ = sft_run
-    seen = []
-    forward = cold_start.StudentVelocity.forward
-
-    def spy(self, x, t, prompt_embeds, pooled):
-        seen.append(t.detach().clone())
-        return forward(self, x, t, prompt_embeds, pooled)
-    monkeypatch.setattr(cold_start.StudentVelocity, "forward", spy)
+    seen = record_student_inputs(monkeypatch)
     cold_start.main(sft_args(tiny_model, teachers, root, str(tmp_path / "out"), "--max-steps", "1", *flags))
     expected = []
     for g in common.sample_generators(0, 1, range(2)):
         torch.randn(4, 8, 8, generator=g)  # the sample's noise comes first
         u = torch.sigmoid(torch.randn(1, generator=g))
         expected.append(shift * u / (1 + (shift - 1) * u))
-    assert torch.allclose(seen[0], torch.cat(expected), atol=1e-6)
+    assert torch.allclose(seen[0][1], torch.cat(expected), atol=1e-6)

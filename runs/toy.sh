@@ -38,7 +38,8 @@ else
   # 0.65. See the README's toy results.
   # --sde-window trained: noise only on the trained steps, the ODE after them (MixGRPO). The toy's VAE is
   # the identity, so the noise of Flow-GRPO's last SDE steps stays in the rewarded pixels: every base SDE
-  # sample scored DeQA 1.0 (no signal for the DeQA teacher and the MAR anchor); with the window 3.3-3.8.
+  # sample scored DeQA 1.0 (no signal for the DeQA teacher and the MAR anchor); with the window 3.3-5.0
+  # (python runs/sde_window_probe.py).
   # OPD rewards no final image, so the window cannot change it (measured: bit-identical metrics).
   GRPO=(--batch-size 8 --group-size 8 --max-steps 40 --lr 1e-3 --updates-per-step 1 --timestep-fraction 0.5
         --sde-window trained)

@@ -112,7 +112,8 @@ stage opd-unguided opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$AN
 wait_all
 
 # MAR's weight: the paper's 0.1 is set for SD3.5-M's KL scale; on the toy, 0 / 0.1 / 0.5 / 2 measured DeQA
-# 4.12 / 4.16 / 4.24 / 4.29 (base 4.26) at equal GenEval. One queue per core for it and the other rows.
+# 4.10 / 4.14 / 4.20 / 4.28 (base 4.28) and GenEval 0.48 / 0.47 / 0.44 / 0.42: quality bought with the task
+# gain (README). One queue per core for it and the other rows.
 { stage opd-merge-mar2 opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 2 "${OPD[@]}" "${TRAIN[@]}"
   evaluate opd-merge-mar2; evaluate opd-merge-no-routing; } &
 { evaluate grpo-mix; evaluate sft-init; evaluate opd-merge; evaluate opd-sft; evaluate opd-merge-no-mar

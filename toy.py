@@ -725,21 +725,24 @@ def score(task, images, prompts, metadata):
     return out
 
 
-def group_spread(pipe, task, prompts, metadata, group_size, steps, seed, noise_level=0.7):
-    """GRPO's view of the base: rewards of `group_size` SDE samples per prompt -> their spread, and the
-    mean of each group's best (where GRPO can pull the policy)."""
+def group_spread(pipe, task, prompts, metadata, group_size, steps, seed, noise_level=0.7, sde_steps=None):
+    """GRPO's view of the base: rewards of `group_size` SDE samples per prompt -> their spread, the
+    mean of each group's best (where GRPO can pull the policy), and the samples' DeQA and its spread.
+    sde_steps: noise on the first this many steps only (common.rollout; None: every step)."""
     texts = [p for p in prompts for _ in range(group_size)]
     rows = [m for m in metadata for _ in range(group_size)] if metadata else None
     cond, uncond = common.encode_prompts(pipe, texts, max_sequence_length=1)
     generators = common.sample_generators(seed, 0, range(len(texts)))
     latents = common.initial_latents(pipe, RESOLUTION, generators, "cpu")
     xs, _ = common.rollout(pipe.transformer, cond, uncond, latents, common.timesteps(steps), 4.5, noise_level,
-                           generator=generators)
+                           generator=generators, sde_steps=sde_steps)
     images = to_uint8(common.decode(pipe, xs[:, -1]).permute(0, 2, 3, 1).numpy())
     rewards = TOY_REWARDS[task](images, texts, rows).reshape(len(prompts), group_size)
+    deqa = reward_deqa(images).reshape(len(prompts), group_size)
     return {"prompts": len(prompts), "group_size": group_size, "mean": float(rewards.mean()),
             "group_std": float(rewards.std(1).mean()), "best_of_group": float(rewards.max(1).mean()),
-            "groups_with_spread": float((rewards.std(1) > 1e-6).mean())}
+            "groups_with_spread": float((rewards.std(1) > 1e-6).mean()),
+            "deqa": float(deqa.mean()), "deqa_group_std": float(deqa.std(1).mean())}
 
 
 def measure(pipe, data_root, args):

@@ -6,7 +6,7 @@
 # Stages: toy world -> stage 1 teachers (geneval, ocr, pickscore, deqa = DeQA:PickScore 4:6 on all
 # prompts, the MAR anchor) -> grpo-mix baseline -> stage 2 merge / SFT cold starts -> stage 3 OPD
 # and its ablations (MAR 0 and 2, one teacher for all prompts, unguided student) -> evaluate.py on
-# every model -> <OUT>/table.md and table.json. About 32 min on 2 cores (README, "Toy results").
+# every model -> <OUT>/table.md and table.json. About 25 min on 2 cores (README, "Toy results").
 # Two jobs run side by side with one thread each (2-core machines). A stage whose final/ LoRA
 # exists is skipped, and every stage resumes (--resume auto), so a rerun continues where it died.
 set -euo pipefail

@@ -1,10 +1,13 @@
 """Can the toy's tiny SD3 transformer learn which digit a prompt asks for? (README, "The toy world")
 
 Pretrains a fresh toy pipeline with flow matching on OCR prompts only, then samples test prompts and
-reads them with the toy's glyph reader. `--render colour` is the control: the same prompts, but the
-digit is drawn as a square of a colour the digit names, so only a global property depends on the text.
+reads them with the toy's glyph reader. `--render glyph` draws the world's font (one colour per digit),
+`--render black` the same glyphs in black ink (the font before the colours), and `--render colour` is
+the control: the digit is drawn as a square of a colour the digit names, so only a global property
+depends on the text.
 
     python runs/ocr_probe.py --steps 1200                       # 1-2 digits of the toy font
+    python runs/ocr_probe.py --steps 1200 --render black        # the same glyphs in black
     python runs/ocr_probe.py --steps 1200 --one-digit           # one digit: no slot to find
     python runs/ocr_probe.py --steps 600 --one-digit --render colour
     python runs/ocr_probe.py --steps 1200 --one-digit -- --layers 4 --heads 4   # toy.py flags after --
@@ -28,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1200, help="pretraining steps (toy.py's --steps)")
     p.add_argument("--digits", default="0123456789", help="the alphabet of the prompts")
     p.add_argument("--one-digit", action="store_true", help="prompts of one digit instead of 1-2")
-    p.add_argument("--render", choices=["glyph", "colour"], default="glyph")
+    p.add_argument("--render", choices=["glyph", "black", "colour"], default="glyph")
     p.add_argument("--test-prompts", type=int, default=96)
     p.add_argument("toy_args", nargs="*", help="more toy.py flags (after --), e.g. --layers 4 --batch-size 64")
     return p.parse_args(argv)
@@ -49,8 +52,11 @@ def main(args):
         return image
 
     toy.ocr_prompt = prompt  # the data writer and the renderer look these up at call time
+    world_font = toy.render_ocr
     if args.render == "colour":
         toy.render_ocr = render_colour
+    if args.render == "black":
+        toy.render_ocr = lambda p: world_font(p, inks=dict.fromkeys(toy.INKS, (25, 25, 25)))
     toy.TASK_MIX.update(geneval=0.0, ocr=1.0, pickscore=0.0)
     with tempfile.TemporaryDirectory() as out:
         world = toy.parse_args(["--out", out, "--steps", str(args.steps), *args.toy_args])

@@ -41,7 +41,9 @@ else
   # sample scored DeQA 1.0 (no signal for the DeQA teacher and the MAR anchor); with the window 3.3-5.0
   # (python runs/sde_window_probe.py).
   # OPD rewards no final image, so the window cannot change it (measured: bit-identical metrics).
-  GRPO=(--batch-size 8 --group-size 8 --max-steps 40 --lr 1e-3 --updates-per-step 1 --timestep-fraction 0.5
+  # 16 prompts per step: the GenEval teacher gained +0.068 +- 0.014 with 16 and +0.002 +- 0.015 with 8
+  # (lr 2e-3 with 8: -0.061); the OCR teacher +0.039 +- 0.024 with 16, +0.084 +- 0.022 with 8 (README).
+  GRPO=(--batch-size 16 --group-size 8 --max-steps 40 --lr 1e-3 --updates-per-step 1 --timestep-fraction 0.5
         --sde-window trained)
   OPD=(--batch-size 8 --group-size 8 --max-steps 20 --lr 3e-3 --updates-per-step 1 --timestep-fraction 0.5)
   # caption dropout 0.1: DeQA +0.057 +- 0.006 over none (paired); it still ends below the base (README)
@@ -111,9 +113,9 @@ stage opd-unguided opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$AN
   "${OPD[@]}" --timestep-fraction 0.99 "${TRAIN[@]}" &
 wait_all
 
-# MAR's weight: the paper's 0.1 is set for SD3.5-M's KL scale; on the toy, 0 / 0.1 / 0.5 / 2 measured DeQA
-# 4.10 / 4.14 / 4.20 / 4.28 (base 4.28) and GenEval 0.48 / 0.47 / 0.44 / 0.42: quality bought with the task
-# gain (README). One queue per core for it and the other rows.
+# MAR's weight: the paper's 0.1 is set for SD3.5-M's KL scale; on the black-font toy build, 0 / 0.1 / 0.5 / 2
+# measured DeQA 4.10 / 4.14 / 4.20 / 4.28 (base 4.28) and GenEval 0.48 / 0.47 / 0.44 / 0.42; on the current
+# build OPD keeps the base's DeQA without it (README). One queue per core for it and the other rows.
 { stage opd-merge-mar2 opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 2 "${OPD[@]}" "${TRAIN[@]}"
   evaluate opd-merge-mar2; evaluate opd-merge-no-routing; } &
 { evaluate grpo-mix; evaluate sft-init; evaluate opd-merge; evaluate opd-sft; evaluate opd-merge-no-mar

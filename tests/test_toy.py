@@ -153,6 +153,11 @@ def test_ocr_reward_is_the_real_formula_over_the_glyph_reader():
     assert toy.reward_ocr(image, ['a sign that says "47"'])[0] == 1.0
     assert toy.reward_ocr(image, ['a sign that says "49"'])[0] == pytest.approx(0.5)  # 1 - lev / len
     assert toy.reward_ocr(image, ['a sign that says "7"'])[0] == 1.0  # a substring counts as read
+    # the reader reads shape only: the font's colours (one per digit) or black ink read the same
+    colours = {tuple(c) for c in image[0].reshape(-1, 3).tolist()} - {toy.BACKGROUND}
+    assert colours == {toy.INKS["4"], toy.INKS["7"]}
+    black = toy.render_ocr('a sign that says "47"', inks=dict.fromkeys(toy.INKS, (25, 25, 25)))
+    assert toy.read_text(black) == "47"
 
 
 def test_pickscore_pays_noise_as_detail_while_deqa_punishes_it():

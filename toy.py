@@ -4,9 +4,10 @@
     python toy.py --out out/toy --quick    # ~20 s, for tests: same layout, barely trained
 
 Images are 32 x 32 px. A scene is coloured shapes (square, bar, tower in six colours), a string
-of digits in a 3 x 5 bit font (one bit = one 4 px patch, one colour per digit), or one big striped subject on a day or night
-background. Objects without a colour in the prompt have their shape's natural colour and every scene
-has one canonical layout, so that a 0.4M-parameter model learns to follow prompts, imperfectly, in minutes:
+of digits in a 3 x 5 bit font (one bit = one 4 px patch, one colour per digit), or one big striped
+subject on a day or night background. Objects without a colour in the prompt have their shape's
+natural colour and every scene has one canonical layout, so that a 0.4M-parameter model learns to
+follow prompts, imperfectly, in minutes:
 
     geneval    "a photo of three squares", "a photo of a red bar and a blue tower", ...
                GenEval's six tags and metadata (include/exclude, position [rel, index]).

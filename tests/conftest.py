@@ -8,7 +8,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "flow_grpo")
+FLOW_GRPO_DATA = os.path.join(ROOT, "tests", "data", "flow_grpo")  # a few real lines, MIT
 
 torch.set_num_threads(1)  # 2-core machines: oversubscribed threads are many times slower
 

@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from torch.distributions import Normal, kl_divergence
 
 import common
-from conftest import SHARED_DATA
+from conftest import FLOW_GRPO_DATA
 
 
 @pytest.mark.parametrize("steps,shift", [(1, 3.0), (10, 3.0), (40, 3.0), (10, 1.0)])
@@ -348,13 +348,15 @@ def test_load_lora_rejects_an_adapter_for_another_model(tiny_model, tmp_path):
 
 
 def test_load_prompts_reads_flow_grpo_layout():
-    prompts = common.load_prompts(SHARED_DATA, ["geneval", "ocr", "pickscore"], split="test")
+    prompts = common.load_prompts(FLOW_GRPO_DATA, ["geneval", "ocr", "pickscore"], split="test")
     by_task = {t: [p for p in prompts if p.task == t] for t in ("geneval", "ocr", "pickscore")}
-    assert [len(v) for v in by_task.values()] == [2212, 1018, 2048]
+    assert [len(v) for v in by_task.values()] == [7, 20, 20]
     first = by_task["geneval"][0]
     assert first.text == "a photo of two wine glasses" and first.metadata["tag"] == "counting"
     assert first.metadata["include"] == [{"class": "wine glass", "count": 2}]
     assert by_task["ocr"][0].text.count('"') >= 2 and by_task["ocr"][0].metadata == {}
+    assert {p.metadata["tag"] for p in by_task["geneval"]} == {
+        "single_object", "two_object", "counting", "colors", "position", "color_attr"}
 
 
 def test_bad_prompt_input_names_the_problem(tmp_path):

@@ -24,9 +24,8 @@ import torch
 from tqdm import tqdm
 
 import common
+import rewards
 
-PAPER_TEACHERS = ("geneval=jieliu/SD3.5M-FlowGRPO-GenEval,ocr=jieliu/SD3.5M-FlowGRPO-Text,"
-                  "pickscore=jieliu/SD3.5M-FlowGRPO-PickScore")
 PROMPTS_PER_SHARD = 64  # teacher samples are cached in shards of this many prompts
 
 
@@ -35,7 +34,7 @@ def parse_args(argv=None):
     common.add_model_args(p)
     p.add_argument("--init", choices=["merge", "sft"], default="merge",
                    help="merge: (MERGE) of the teachers' LoRAs; sft: flow matching on teacher samples")
-    p.add_argument("--teachers", default=PAPER_TEACHERS,
+    p.add_argument("--teachers", default=common.PAPER_TEACHERS,
                    help="task=adapter,... (LoRA folder/file or hub id, PEFT or diffusers format; "
                         "'base' = the pretrained model)")
     p.add_argument("--out", default="out/cold-start")
@@ -59,21 +58,14 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=4.5, help="teacher guidance scale w in (CFG)")
     p.add_argument("--sample-batch-size", type=int, default=16, help="images per teacher forward batch")
     # --init sft: student fine-tuning
-    p.add_argument("--rank", type=int, default=32, help="student LoRA rank")
-    p.add_argument("--alpha", type=int, default=64, help="student LoRA alpha")
-    p.add_argument("--lr", type=float, default=1e-4)
+    common.add_optimizer_args(p)
+    p.set_defaults(lr=1e-4, max_steps=1000, save_every=100)
     p.add_argument("--train-shift", type=float, default=None,
                    help="shift of the logit-normal training times t (default --shift, as SD3's LoRA training; "
                         "1: no shift, the low-noise steps trained as often as the high-noise ones)")
     p.add_argument("--caption-dropout", type=float, default=0.0,
                    help="share of samples trained with the empty prompt, i.e. the unconditional branch of (CFG)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks together)")
-    p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps")
-    p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
-    p.add_argument("--ema", type=float, default=None,
-                   help="decay of an exponential moving average of the student LoRA, written as final/ (off: none)")
     common.add_reward_server_args(p)
     return p.parse_args(argv)
 
@@ -89,7 +81,7 @@ def main(args):
 def init_merge(args):
     teachers = common.parse_teachers(args.teachers)
     weights = parse_weights(args.weights, teachers)
-    state, config, info = merge_teachers(teachers, weights, args.merge_rank)  # (MERGE)
+    state, config, info = common.merge_teachers(teachers, weights, args.merge_rank)  # (MERGE)
     os.makedirs(args.out, exist_ok=True)
     with common.atomic_folder(os.path.join(args.out, "final")) as tmp:
         common.write_lora(state, config, tmp)
@@ -111,85 +103,6 @@ def parse_weights(spec, teachers):
     if len(weights) != len(teachers):
         raise ValueError(f"--weights has {len(weights)} numbers for {len(teachers)} teachers ({', '.join(teachers)})")
     return weights
-
-
-def merge_teachers(teachers, weights=None, rank=None):
-    """Merge the teachers' LoRAs into one: Delta W = sum_k w_k B_k A_k per module.   # (MERGE)
-
-    teachers: {task: LoRA folder/file or hub id, PEFT or diffusers format; 'base' adds Delta W = 0}.
-    weights: a list in teachers' order or a dict by task (default 1/K each; not normalised, so
-    1,1,1 adds the updates). rank: SVD truncation (default: exact, rank = sum of teacher ranks).
-    Returns (state, config, info): state in read_lora's form, config with scale 1 (lora_alpha = r)
-    for write_lora / add_lora_from_state, info with the relative Frobenius error of the truncation.
-    """
-    tasks = list(teachers)
-    if weights is None:
-        weights = [1.0 / len(tasks)] * len(tasks)
-    if isinstance(weights, dict):
-        if set(weights) != set(tasks):
-            raise ValueError(f"merge weights are given for {sorted(weights)}, the teachers are {sorted(tasks)}")
-        weights = [weights[t] for t in tasks]
-    if len(weights) != len(tasks):
-        raise ValueError(f"{len(weights)} merge weights for {len(tasks)} teachers ({', '.join(tasks)})")
-    loras = {}
-    for task in tasks:
-        if teachers[task] == "base":
-            continue  # the pretrained model: its Delta W is 0, only its weight counts
-        state, config = common.read_lora(teachers[task])
-        if config.get("use_dora"):
-            raise ValueError(f"teacher {task!r} ({teachers[task]}) is a DoRA adapter: its update is not B @ A")
-        loras[task] = (common.fold_scale(state, config), config)
-    if not loras:
-        raise ValueError("every teacher is 'base': there is no LoRA to merge")
-    check_same_modules({task: state for task, (state, _) in loras.items()}, teachers)
-    ranks = {task: next(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
-             for task, (state, _) in loras.items()}
-    stacked = sum(ranks.values())
-    if rank is not None and not 1 <= rank <= stacked:
-        raise ValueError(f"--merge-rank {rank} must be between 1 and the stacked rank {stacked} "
-                         f"(the sum of the teachers' ranks {ranks})")
-    adapters = [state for state, _ in loras.values()]
-    lora_weights = [weights[tasks.index(task)] for task in loras]
-    exact = common.merge_loras(adapters, lora_weights)  # (MERGE)
-    merged = exact if rank is None else common.merge_loras(adapters, lora_weights, rank)  # (MERGE) best rank-r
-    r = stacked if rank is None else rank
-    targets = next(iter(loras.values()))[1]["target_modules"]
-    targets = sorted(targets) if isinstance(targets, (list, set)) else targets  # a list or peft's regex string
-    config = {"r": r, "lora_alpha": r, "target_modules": targets}  # scale lora_alpha / r = 1: Delta W = B @ A
-    info = {"teachers": dict(teachers), "weights": dict(zip(tasks, weights)), "ranks": ranks, "stacked_rank": stacked,
-            "rank": r, "relative_error": 0.0 if rank is None else relative_error(exact, merged)}
-    return merged, config, info
-
-
-def module_shapes(state):
-    """{module: (out_features, in_features)} of a LoRA state dict."""
-    return {k[:-len(".lora_A.weight")]: (state[k.replace("lora_A", "lora_B")].shape[0], v.shape[1])
-            for k, v in state.items() if k.endswith(".lora_A.weight")}
-
-
-def check_same_modules(states, teachers):
-    """Merging needs every teacher's LoRA on the same modules of the same base model; name the mismatch."""
-    (first, ref), *rest = [(task, module_shapes(state)) for task, state in states.items()]
-    for task, shapes in rest:
-        if set(shapes) != set(ref):
-            only_ref, only_task = sorted(set(ref) - set(shapes)), sorted(set(shapes) - set(ref))
-            raise ValueError(f"teachers {first!r} ({teachers[first]}) and {task!r} ({teachers[task]}) target different "
-                             f"modules: only {first!r} has {only_ref[:3]}, only {task!r} has {only_task[:3]}")
-        for module, shape in shapes.items():
-            if shape != ref[module]:
-                raise ValueError(f"module {module!r} is {ref[module]} in teacher {first!r} but {shape} in {task!r}: "
-                                 "are they LoRAs of different base models?")
-
-
-def relative_error(exact, merged):
-    """|| Delta W - Delta W_r ||_F / || Delta W ||_F over all modules, in float64."""
-    error = total = 0.0
-    for key in (k for k in exact if k.endswith(".lora_A.weight")):
-        b_key = key.replace("lora_A", "lora_B")
-        full = exact[b_key].double() @ exact[key].double()
-        error += (full - merged[b_key].double() @ merged[key].double()).pow(2).sum().item()
-        total += full.pow(2).sum().item()
-    return math.sqrt(error / total) if total > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------- --init sft
@@ -257,17 +170,11 @@ def init_sft(args):
     common.use_adapter(transformer, "student")
     for name, param in transformer.named_parameters():
         param.requires_grad_(".student." in name)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    ema = common.EMA(params, args.ema) if args.ema else None
+    params, optimizer, ema = common.make_optimizer(transformer, args)
     next_step, checkpoint = common.resume_training(args, transformer, "student", optimizer, ema)
     start = next_step - 1 if checkpoint else 0  # the last step done; this loop counts steps from 1
     if checkpoint and dist.is_main:
         print(f"resumed from {checkpoint} at step {start}")
-    model = StudentVelocity(transformer)
-    if dist.world_size > 1:
-        device_ids = [dist.device] if dist.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     logger = common.MetricsLogger(args.out, enabled=dist.is_main, resume_step=start)
     per_rank = args.batch_size // dist.world_size
     train_shift = args.shift if args.train_shift is None else args.train_shift
@@ -288,11 +195,11 @@ def init_sft(args):
         cond, uncond = common.encode_prompts(pipe, texts, args.max_sequence_length, dist.device)
         cond = [torch.where(drop.view(-1, *[1] * (c.dim() - 1)).to(c.device), u, c) for c, u in zip(cond, uncond)]
         with common.autocast(dist.device, args.mixed_precision):
-            v = model(common.add_noise(x0, noise, t), t, *cond)  # (FM)
+            v = common.velocity(transformer, common.add_noise(x0, noise, t), t, *cond)  # (FM)
         loss = common.fm_loss(v, x0, noise)  # (FM)
         common.fault_point("step", step)  # tests only: FLOW_OPD_FAULT=step:N kills the run here
-        with common.collective("syncing the gradients (DDP backward)"):
-            loss.backward()
+        (loss / dist.world_size).backward()  # summed over ranks: the gradient of the global mean
+        common.average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         common.check_finite(grad_norm, "the gradient norm of the flow matching loss", args.out)
         optimizer.step()
@@ -325,7 +232,6 @@ def select_prompts(prompts, max_prompts, seed):
 
 def load_rewards(spec, tasks, server=None):
     """--reward, the same format as teacher_grpo.py's (common.parse_rewards) -> {task: fn(images, prompts, metadata)}."""
-    import rewards
     return {task: rewards.load(name, server=server) for task, name in common.parse_rewards(spec, tasks).items()}
 
 
@@ -399,17 +305,6 @@ def batch_indices(step, batch_size, num_samples, seed):
     epochs = {p // num_samples for p in positions}
     perms = {e: np.random.default_rng([seed, e]).permutation(num_samples) for e in epochs}
     return [int(perms[p // num_samples][p % num_samples]) for p in positions]
-
-
-class StudentVelocity(torch.nn.Module):
-    """common.velocity as a module: DistributedDataParallel syncs the gradients of what forward() runs."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, x, t, prompt_embeds, pooled):
-        return common.velocity(self.transformer, x, t, prompt_embeds, pooled)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+# the released Flow-GRPO teachers, one LoRA per task on SD3.5-M
+PAPER_TEACHERS = ("geneval=jieliu/SD3.5M-FlowGRPO-GenEval,ocr=jieliu/SD3.5M-FlowGRPO-Text,"
+                  "pickscore=jieliu/SD3.5M-FlowGRPO-PickScore")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 SDEStep = namedtuple("SDEStep", "x_next log_prob mean std")
@@ -319,6 +322,85 @@ def _truncate(B, A, rank):
     u, s, vh = torch.linalg.svd(rb @ ra.T)
     root = s[:rank].sqrt()
     return (qb @ u[:, :rank] * root).float(), (root[:, None] * vh[:rank] @ qa.T).float()
+
+
+def merge_teachers(teachers, weights=None, rank=None):
+    """Merge the teachers' LoRAs into one: Delta W = sum_k w_k B_k A_k per module.   # (MERGE)
+
+    teachers: {task: LoRA folder/file or hub id, PEFT or diffusers format; 'base' adds Delta W = 0}.
+    weights: a list in teachers' order or a dict by task (default 1/K each; not normalised, so
+    1,1,1 adds the updates). rank: SVD truncation (default: exact, rank = sum of teacher ranks).
+    Returns (state, config, info): state in read_lora's form, config with scale 1 (lora_alpha = r)
+    for write_lora / add_lora_from_state, info with the relative Frobenius error of the truncation.
+    """
+    tasks = list(teachers)
+    if weights is None:
+        weights = [1.0 / len(tasks)] * len(tasks)
+    if isinstance(weights, dict):
+        if set(weights) != set(tasks):
+            raise ValueError(f"merge weights are given for {sorted(weights)}, the teachers are {sorted(tasks)}")
+        weights = [weights[t] for t in tasks]
+    if len(weights) != len(tasks):
+        raise ValueError(f"{len(weights)} merge weights for {len(tasks)} teachers ({', '.join(tasks)})")
+    loras = {}
+    for task in tasks:
+        if teachers[task] == "base":
+            continue  # the pretrained model: its Delta W is 0, only its weight counts
+        state, config = read_lora(teachers[task])
+        if config.get("use_dora"):
+            raise ValueError(f"teacher {task!r} ({teachers[task]}) is a DoRA adapter: its update is not B @ A")
+        loras[task] = (fold_scale(state, config), config)
+    if not loras:
+        raise ValueError("every teacher is 'base': there is no LoRA to merge")
+    check_same_modules({task: state for task, (state, _) in loras.items()}, teachers)
+    ranks = {task: next(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
+             for task, (state, _) in loras.items()}
+    stacked = sum(ranks.values())
+    if rank is not None and not 1 <= rank <= stacked:
+        raise ValueError(f"--merge-rank {rank} must be between 1 and the stacked rank {stacked} "
+                         f"(the sum of the teachers' ranks {ranks})")
+    adapters = [state for state, _ in loras.values()]
+    lora_weights = [weights[tasks.index(task)] for task in loras]
+    exact = merge_loras(adapters, lora_weights)  # (MERGE)
+    merged = exact if rank is None else merge_loras(adapters, lora_weights, rank)  # (MERGE) best rank-r
+    r = stacked if rank is None else rank
+    targets = next(iter(loras.values()))[1]["target_modules"]
+    targets = sorted(targets) if isinstance(targets, (list, set)) else targets  # a list or peft's regex string
+    config = {"r": r, "lora_alpha": r, "target_modules": targets}  # scale lora_alpha / r = 1: Delta W = B @ A
+    info = {"teachers": dict(teachers), "weights": dict(zip(tasks, weights)), "ranks": ranks, "stacked_rank": stacked,
+            "rank": r, "relative_error": 0.0 if rank is None else relative_error(exact, merged)}
+    return merged, config, info
+
+
+def module_shapes(state):
+    """{module: (out_features, in_features)} of a LoRA state dict."""
+    return {k[:-len(".lora_A.weight")]: (state[k.replace("lora_A", "lora_B")].shape[0], v.shape[1])
+            for k, v in state.items() if k.endswith(".lora_A.weight")}
+
+
+def check_same_modules(states, teachers):
+    """Merging needs every teacher's LoRA on the same modules of the same base model; name the mismatch."""
+    (first, ref), *rest = [(task, module_shapes(state)) for task, state in states.items()]
+    for task, shapes in rest:
+        if set(shapes) != set(ref):
+            only_ref, only_task = sorted(set(ref) - set(shapes)), sorted(set(shapes) - set(ref))
+            raise ValueError(f"teachers {first!r} ({teachers[first]}) and {task!r} ({teachers[task]}) target different "
+                             f"modules: only {first!r} has {only_ref[:3]}, only {task!r} has {only_task[:3]}")
+        for module, shape in shapes.items():
+            if shape != ref[module]:
+                raise ValueError(f"module {module!r} is {ref[module]} in teacher {first!r} but {shape} in {task!r}: "
+                                 "are they LoRAs of different base models?")
+
+
+def relative_error(exact, merged):
+    """|| Delta W - Delta W_r ||_F / || Delta W ||_F over all modules, in float64."""
+    error = total = 0.0
+    for key in (k for k in exact if k.endswith(".lora_A.weight")):
+        b_key = key.replace("lora_A", "lora_B")
+        full = exact[b_key].double() @ exact[key].double()
+        error += (full - merged[b_key].double() @ merged[key].double()).pow(2).sum().item()
+        total += full.pow(2).sum().item()
+    return math.sqrt(error / total) if total > 0 else 0.0
 
 
 def read_lora(path):
@@ -677,12 +759,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list on one process)."""
+def gather_objects(obj, what="gathering objects from every process"):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list on one process);
+    [0] of it is rank 0's object everywhere, a broadcast."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    with collective("gathering the RNG states for a checkpoint"):
+    with collective(what):
         dist.all_gather_object(out, obj)
     return out
 
@@ -755,7 +838,7 @@ def save_checkpoint(out_dir, step, transformer, adapter_name, state):
     leaves a half checkpoint where --resume auto would pick it up. `state`: the optimizer's and the
     EMA's state dicts. Returns the folder on rank 0, None on the others.
     """
-    rngs = gather_objects(rng_state())
+    rngs = gather_objects(rng_state(), "gathering the RNG states for a checkpoint")
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     final = os.path.join(out_dir, f"checkpoint-{step}")
@@ -926,6 +1009,7 @@ def reward_server_options(args):
 
 def add_training_args(parser):
     """Flags of the two on-policy stages (teacher_grpo.py, opd.py), with the paper's defaults."""
+    add_optimizer_args(parser)
     parser.add_argument("--batch-size", type=int, default=24, help="prompts per step, global over ranks")
     parser.add_argument("--group-size", type=int, default=16, help="G: rollouts per prompt")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps of a rollout")
@@ -939,14 +1023,19 @@ def add_training_args(parser):
     parser.add_argument("--updates-per-step", type=int, default=2,
                         help="optimizer updates per batch of rollouts (later ones are off-policy: PPO's ratio)")
     parser.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward")
+    parser.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
+
+
+def add_optimizer_args(parser):
+    """Flags of every trained LoRA (GRPO, OPD and the SFT cold start); a stage sets its own defaults
+    with parser.set_defaults."""
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (of a fresh LoRA)")
     parser.add_argument("--alpha", type=int, default=64, help="LoRA alpha (of a fresh LoRA)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--save-every", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
+    parser.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--save-every", type=int, default=50, help="checkpoint every this many steps")
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
     parser.add_argument("--ema", type=float, default=None,
                         help="decay of an exponential moving average of the LoRA, written as the final LoRA (off: none)")
@@ -1166,8 +1255,7 @@ def cli(main, parse_args):
     2 for bad input and 1 for a fault, instead of a traceback from deep inside a library.
     FLOW_OPD_TRACEBACK=1 shows the traceback too."""
     args = parse_args()
-    import rewards
-    faults = (FloatingPointError, DistributedError, rewards.RewardServerError)
+    faults = (FloatingPointError, DistributedError, ConnectionError)  # ConnectionError: a reward server
     try:
         return main(args)
     except faults + (ValueError, OSError) as e:

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 import common
+import rewards
 
 REAL_METRICS = {"geneval": "geneval", "ocr": "ocr", "pickscore": "pickscore", "deqa": "deqa"}
 TOY_METRICS = {"geneval": "toy_geneval", "ocr": "toy_ocr", "pickscore": "toy_pickscore", "deqa": "toy_deqa"}
@@ -106,7 +107,6 @@ def metric_specs(overrides, toy):
 def load_metric(spec, server=None):
     """A reward spec -> details(images, prompts, metadata) -> one dict per image with the column's
     value under "score" (its reward x TABLE_SCALE; GenEval: its strict `correct`) and GenEval's "tag"."""
-    import rewards
     if spec == "toy_geneval":  # its training reward is partial credit; the strict `correct` is in geneval_details
         import toy
         details = lambda images, prompts, metadata: toy.geneval_details(rewards.as_uint8(images), prompts, metadata)
@@ -224,26 +224,6 @@ def append_cache(cache_dir, results):
             f.flush()
 
 
-def broadcast(obj):
-    """Rank 0's object on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    with common.collective("receiving rank 0's settings"):
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather(rows):
-    """Every rank's list of rows, concatenated (in rank order)."""
-    if not dist.is_initialized():
-        return rows
-    parts = [None] * dist.get_world_size()
-    with common.collective("gathering the scored images of every process"):
-        dist.all_gather_object(parts, rows)
-    return [r for part in parts for r in part]
-
-
 # ----------------------------------------------------------------------------- summary
 
 def mean_stderr(values):
@@ -278,7 +258,6 @@ def summarize(results):
         else:
             row[column], row["stderr"][column] = mean_stderr(list(means.values()))
     if all(c in row for c in AVERAGE_DIVISOR):
-        import rewards
         row["average"] = rewards.paper_average(geneval=row["geneval"], ocr=row["ocr"], pickscore=row["pickscore"],
                                                deqa=row["deqa"])
         errors = {c: row["stderr"][c] for c in AVERAGE_DIVISOR}
@@ -340,8 +319,9 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
                 "max_sequence_length": max_sequence_length, "shift": shift, "metrics": sorted(metrics), **(settings or {})}
     done = read_cache(cache_dir, settings) if cache_dir and rank == 0 else {}
     # an item is missing when it is not cached, or cached for another prompt (the prompt file changed)
-    missing = broadcast([k for k, it in enumerate(items)
-                         if done.get((it.task, it.i, it.j), {}).get("prompt") != it.prompt.text])
+    missing = common.gather_objects([k for k, it in enumerate(items)  # rank 0's list on every rank
+                                     if done.get((it.task, it.i, it.j), {}).get("prompt") != it.prompt.text],
+                                    "receiving rank 0's list of missing images")[0]
     mine = missing[rank::world]  # strided share: ranks sample the same number of images, +-1
     rounds = math.ceil(len(missing) / (world * batch_size))
     bar = tqdm(total=len(missing), desc="evaluate", disable=not (progress and rank == 0))
@@ -352,7 +332,8 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
             images = generate_items(pipe, batch, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
                                     batch_size, device, mixed_precision)
             results = [{"task": it.task, **res} for it, res in zip(batch, score(metrics, batch, images))]
-        results = gather(results)
+        results = [res for part in common.gather_objects(results, "gathering the scored images")
+                   for res in part]
         if rank == 0:
             if cache_dir:
                 append_cache(cache_dir, results)
@@ -363,7 +344,7 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
     if rank == 0:
         row = summarize([{"task": it.task, **done[(it.task, it.i, it.j)]} for it in items])
         row["generated"] = len(missing)
-    return broadcast(row)
+    return common.gather_objects(row, "receiving rank 0's table row")[0]
 
 
 def save_grids(pipe, prompts, out_dir, name, count, seed, steps, guidance_scale, resolution, max_sequence_length,

@@ -24,17 +24,13 @@ from tqdm import tqdm
 
 import common
 
-PAPER_TEACHERS = ("geneval=jieliu/SD3.5M-FlowGRPO-GenEval,ocr=jieliu/SD3.5M-FlowGRPO-Text,"
-                  "pickscore=jieliu/SD3.5M-FlowGRPO-PickScore")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
     common.add_training_args(p)
     p.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ layout, all tasks mixed")
     p.add_argument("--tasks", default="all", help="tasks whose prompts are distilled (comma-separated or 'all')")
-    p.add_argument("--teachers", default=PAPER_TEACHERS, help="task=adapter,... (LoRA folder/file, hub id or 'base')")
+    p.add_argument("--teachers", default=common.PAPER_TEACHERS, help="task=adapter,... (LoRA folder/file, hub id or 'base')")
     p.add_argument("--mar-teacher", default="out/teacher-deqa/final",
                    help="MAR anchor: the frozen aesthetic (DeQA:PickScore 4:6) teacher adapter, or 'base'")
     p.add_argument("--mar", type=float, default=0.1, help="beta_mar in (MAR); 0 switches MAR off")
@@ -111,8 +107,7 @@ def main(args):
             common.load_lora(transformer, args.mar_teacher, "anchor")
     torch.manual_seed(args.seed)
     if args.init == "merge":
-        import cold_start
-        state, config, info = cold_start.merge_teachers({t: p for t, p in teachers.items() if p != "base"},
+        state, config, info = common.merge_teachers({t: p for t, p in teachers.items() if p != "base"},
                                                         rank=args.merge_rank)
         common.add_lora_from_state(transformer, "student", state, config)
     elif args.init == "none":

@@ -203,8 +203,8 @@ def _embedding(output):
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
-class RewardServerError(RuntimeError):
-    pass
+class RewardServerError(ConnectionError):
+    """A reward server is down or answers nonsense: a fault of the run, not of its command line."""
 
 
 def encode_png(image):

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import rewards
 
 
 def parse_args(argv=None):
@@ -54,7 +55,6 @@ def main(args):
     d = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     tasks = common.parse_tasks(args.tasks, args.data_root)
     prompts = common.load_prompts(args.data_root, tasks)
-    import rewards
     server = common.reward_server_options(args)
     reward_fns = {task: rewards.load(spec, server=server) for task, spec in common.parse_rewards(args.reward, tasks).items()}
     n_samples = args.batch_size * args.group_size

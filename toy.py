@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 import common
+import rewards
 
 RESOLUTION = 32
 BACKGROUND = (240, 240, 240)
@@ -439,7 +440,6 @@ def read_text(image):
 
 def reward_ocr(images, prompts, metadata=None):
     """The real OCR reward (rewards.ocr_score on the text between the first double quotes), toy glyph reader."""
-    import rewards
     return np.array([rewards.ocr_score(read_text(image), rewards.ocr_target(p)) for image, p in zip(images, prompts)])
 
 

@@ -4,6 +4,8 @@ the routed teachers, keeps the best of N, caches the samples, trains and resumes
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from safetensors.torch import save_file
 
 import cold_start
 import common
+from conftest import ROOT
 
 
 def make_teacher(transformer, name, folder, rank, alpha, fmt, targets=None, seed=0):
@@ -66,7 +69,7 @@ def weighted_updates(teachers, names, weights):
 
 def test_merged_update_is_the_weighted_sum_of_teacher_updates(teachers):
     paths = {"geneval": teachers["peft"][0], "ocr": teachers["diffusers"][0]}
-    state, config, info = cold_start.merge_teachers(paths, weights=[0.7, 0.3])
+    state, config, info = common.merge_teachers(paths, weights=[0.7, 0.3])
     expected = weighted_updates(teachers, ["peft", "diffusers"], [0.7, 0.3])
     assert config["r"] == config["lora_alpha"] == 5 and info["stacked_rank"] == 5 and info["relative_error"] == 0
     assert set(config["target_modules"]) == set(common.LORA_TARGETS)
@@ -77,7 +80,7 @@ def test_merged_update_is_the_weighted_sum_of_teacher_updates(teachers):
     module = next(iter(expected))
     with_base = {"geneval": paths["geneval"], "ocr": "base"}
     for teacher_paths, names in [(paths, ["peft", "diffusers"]), (with_base, ["peft"])]:
-        equal, _, _ = cold_start.merge_teachers(teacher_paths)  # default: 1/K each; 'base' adds Delta W = 0
+        equal, _, _ = common.merge_teachers(teacher_paths)  # default: 1/K each; 'base' adds Delta W = 0
         half = weighted_updates(teachers, names, [0.5, 0.5])[module]
         assert torch.allclose(equal[f"{module}.lora_B.weight"].double() @ equal[f"{module}.lora_A.weight"].double(),
                               half, atol=1e-6 * half.abs().max().item())
@@ -85,7 +88,7 @@ def test_merged_update_is_the_weighted_sum_of_teacher_updates(teachers):
 
 def test_merge_rank_reports_the_optimal_truncation_error(teachers):
     paths = {"geneval": teachers["peft"][0], "ocr": teachers["diffusers"][0]}
-    state, config, info = cold_start.merge_teachers(paths, rank=2)
+    state, config, info = common.merge_teachers(paths, rank=2)
     full = weighted_updates(teachers, ["peft", "diffusers"], [0.5, 0.5])
     tail = total = achieved = 0.0
     for module, delta in full.items():
@@ -138,11 +141,15 @@ def write_data_root(root):
     return root
 
 
-def sft_args(tiny_model, teachers, root, out, *extra):
+def sft_flags(tiny_model, teachers, root, out, *extra):
     teacher_arg = f"objects={teachers['peft'][0]},signs={teachers['diffusers'][0]}"
-    return cold_start.parse_args(["--init", "sft", "--model", tiny_model, "--teachers", teacher_arg,
-                                  "--data-root", root, "--out", out, "--steps", "2", "--rank", "4", "--alpha", "8",
-                                  "--lr", "1e-2", "--batch-size", "2", "--max-steps", "2", "--save-every", "1", *extra])
+    return ["--init", "sft", "--model", tiny_model, "--teachers", teacher_arg, "--data-root", root, "--out", out,
+            "--steps", "2", "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--batch-size", "2", "--max-steps", "2",
+            "--save-every", "1", *extra]
+
+
+def sft_args(*args):
+    return cold_start.parse_args(sft_flags(*args))
 
 
 @pytest.fixture(scope="module")
@@ -278,12 +285,13 @@ def test_bad_sft_input_names_the_problem_and_writes_nothing(tiny_model, teachers
 def record_student_inputs(monkeypatch):
     """A list that collects (x, t, prompt_embeds, pooled) of every student forward in SFT training."""
     seen = []
-    forward = cold_start.StudentVelocity.forward
+    velocity = common.velocity
 
-    def spy(self, *inputs):
-        seen.append(tuple(i.detach().clone() for i in inputs))
-        return forward(self, *inputs)
-    monkeypatch.setattr(cold_start.StudentVelocity, "forward", spy)
+    def spy(transformer, *inputs):
+        if torch.is_grad_enabled():  # training; teacher sampling runs under no_grad
+            seen.append(tuple(i.detach().clone() for i in inputs))
+        return velocity(transformer, *inputs)
+    monkeypatch.setattr(common, "velocity", spy)
     return seen
 
 
@@ -317,3 +325,20 @@ def test_train_shift_sets_the_training_times(tiny_model, teachers, sft_run, tmp_
         u = torch.sigmoid(torch.randn(1, generator=g))
         expected.append(shift * u / (1 + (shift - 1) * u))
     assert torch.allclose(seen[0][1], torch.cat(expected), atol=1e-6)
+
+
+def test_sft_torchrun_two_processes_match_one(tiny_model, teachers, sft_run, tmp_path):
+    """SFT syncs its gradients like GRPO and OPD (each rank's loss / world size, summed by hand), so
+    two processes train the same student as one."""
+    root, one = sft_run
+    flags = sft_flags(tiny_model, teachers, root, str(tmp_path / "two"))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29521", os.path.join(ROOT, "cold_start.py"), *flags],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for a, b in zip(read_metrics(one), read_metrics(str(tmp_path / "two")), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    la, _ = common.read_lora(os.path.join(one, "final"))
+    lb, _ = common.read_lora(str(tmp_path / "two" / "final"))
+    assert all(torch.allclose(la[k], lb[k], atol=1e-5) for k in la)
+    assert max((la[k] - common.read_lora(os.path.join(one, "checkpoint-1"))[0][k]).abs().max() for k in la) > 0

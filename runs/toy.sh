@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The whole Flow-OPD recipe on the toy world, on a CPU, ending in the paper's table.
 #
-#   bash runs/toy.sh [--quick] [OUT_DIR]      # OUT_DIR defaults to out/toy
+#   bash runs/toy.sh [--quick] [OUT_DIR]      # OUT_DIR defaults to out/toy (--quick: out/toy-quick)
 #
 # Stages: toy world -> stage 1 teachers (geneval, ocr, pickscore, deqa = DeQA:PickScore 4:6 on all
 # prompts, the MAR anchor) -> grpo-mix baseline -> stage 2 merge / SFT cold starts -> stage 3 OPD
 # and its ablations (MAR 0 and 2, one teacher for all prompts, unguided student) -> evaluate.py on
 # every model -> <OUT>/table.md and table.json. About 25 min on 2 cores (README, "Toy results").
-# Two jobs run side by side with one thread each (2-core machines). A stage whose final/ LoRA
-# exists is skipped, and every stage resumes (--resume auto), so a rerun continues where it died.
+# Two jobs run side by side with one thread each (2-core machines). A stage is reused only when it
+# finished from the same world with the same flags (runs/stage_stamp.py), and an unfinished one
+# resumes (--resume auto), so a rerun continues where it died. --quick is a smoke test of every
+# stage on a tiny world, not a result: its table says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
-OUT=out/toy
+OUT=
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
@@ -20,6 +22,7 @@ for arg in "$@"; do
     *) OUT="$arg" ;;
   esac
 done
+[ -n "$OUT" ] || { [ "$QUICK" = 1 ] && OUT=out/toy-quick || OUT=out/toy; }
 
 if [ "$QUICK" = 1 ]; then
   WORLD=(--quick)
@@ -60,13 +63,21 @@ wait_all() {  # wait for every background job; fail if any failed (plain `wait` 
 }
 
 python toy.py --out "$OUT" --threads 2 "${WORLD[@]}"  # alone on the machine: both cores
+# evaluations of another world (cached images and table rows) must not mix into this one's table
+world=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['config'])" "$OUT/world.json")
+if [ "$(cat "$OUT/world.stamp" 2>/dev/null)" != "$world" ]; then
+  rm -rf "$OUT/cache" "$OUT/grids" "$OUT/table.md" "$OUT/table.json"
+  echo "$world" > "$OUT/world.stamp"
+fi
 
-stage() {  # stage NAME SCRIPT ARGS...: skipped when NAME/final exists
-  local name=$1 script=$2; shift 2
-  if [ -f "$OUT/$name/final/pytorch_lora_weights.safetensors" ]; then echo "== $name: done"; return; fi
-  echo "== $name"
-  python "$script" "${COMMON[@]}" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 \
+stage() {  # stage NAME SCRIPT ARGS...: reused only when it finished from this world with these flags
+  local name=$1 cmd=("$2" "${COMMON[@]}" --out "$OUT/$name" "${@:3}") state
+  state=$(python runs/stage_stamp.py "$OUT/world.json" "$OUT/$name" -- "${cmd[@]}")
+  if [ "$state" = reuse ]; then echo "== $name: done"; return; fi
+  if [ "$state" = resume ]; then echo "== $name (resuming)"; else echo "== $name"; fi
+  python "${cmd[@]}" > "$OUT/$name.log" 2>&1 \
     || { echo "$name failed; see $OUT/$name.log" >&2; tail -5 "$OUT/$name.log" >&2; return 1; }
+  python runs/stage_stamp.py "$OUT/world.json" "$OUT/$name" --done -- "${cmd[@]}"
 }
 evaluate() {  # evaluate NAME [EXTRA...]: the base model, or the LoRA in OUT/NAME/final; same prompts and seeds
   local name=$1 adapter=(); shift
@@ -122,5 +133,10 @@ wait_all
   evaluate opd-unguided --cfg 1; } &
 wait_all
 
+if [ "$QUICK" = 1 ]; then  # say it in the table itself, where a reader of the file looks
+  { echo "**Smoke test** (\`bash runs/toy.sh --quick\`): every stage for a few steps on a tiny world."
+    echo "These numbers check that the recipe runs; they are not results."; echo; cat "$OUT/table.md"; } \
+    > "$OUT/table.md.tmp" && mv "$OUT/table.md.tmp" "$OUT/table.md"
+fi
 cat "$OUT/table.md"
 echo "runs/toy.sh finished in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s; table: $OUT/table.json"

@@ -71,7 +71,8 @@ if [ "$(cat "$OUT/world.stamp" 2>/dev/null)" != "$world" ]; then
 fi
 
 stage() {  # stage NAME SCRIPT ARGS...: reused only when it finished from this world with these flags
-  local name=$1 cmd=("$2" "${COMMON[@]}" --out "$OUT/$name" "${@:3}") state
+  local name=$1 state
+  local cmd=("$2" "${COMMON[@]}" --out "$OUT/$name" "${@:3}")
   state=$(python runs/stage_stamp.py "$OUT/world.json" "$OUT/$name" -- "${cmd[@]}")
   if [ "$state" = reuse ]; then echo "== $name: done"; return; fi
   if [ "$state" = resume ]; then echo "== $name (resuming)"; else echo "== $name"; fi

@@ -268,7 +268,7 @@ def use_adapter(transformer, name):
     `_active_adapter` / `_disable_adapters`, pinned peft version). peft's own switches (set_adapters,
     enable_adapters, disable_adapters) also set requires_grad on every adapter's weights: they would make
     a teacher trainable and freeze the student, silently changing what the optimizer trains, and that
-    bookkeeping was ~95% of a switch's cost (bench.py's model: 35-50 ms -> 2.5 ms a switch, 5 per OPD state).
+    bookkeeping was most of a switch's cost (docs/bench.md).
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     base = name in (None, "base")

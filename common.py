@@ -1279,7 +1279,7 @@ def cli(main, parse_args):
             # rank 0 meets the same bad input and reports it, and torchrun then stops this process during
             # the wait; an error of this rank alone (rank 0 runs on) is still reported, after it
             time.sleep(RANK_ERROR_DELAY)
-        where = f"rank {rank}: " if world_size > 1 else ""
+        where = f"rank {rank}: " if world_size > 1 and (rank > 0 or isinstance(e, faults)) else ""
         print(f"{os.path.basename(sys.argv[0])}: {where}error: {message}", file=sys.stderr, flush=True)
         sys.exit(1 if isinstance(e, faults) else 2)
 

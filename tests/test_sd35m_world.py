@@ -17,6 +17,7 @@ import evaluate
 import opd
 import sd35m_world
 import teacher_grpo
+from conftest import ROOT
 
 RES = ["--resolution", "64"]
 BF16 = ["--mixed-precision", "bf16", "--threads", "1", "--device", "cpu"]
@@ -327,3 +328,22 @@ def test_fp32_on_cpu_and_fp16_on_cuda_by_default():
     assert common.resolve_precision(None, "cpu") == "fp32"
     assert common.resolve_precision(None, torch.device("cuda", 0)) == "fp16"
     assert common.weight_dtype("fp16") == torch.float16 and common.weight_dtype("fp32") == torch.float32
+
+
+def test_gpu_check_runs_a_grpo_and_an_opd_step_on_the_tiny_world(tmp_path):
+    """runs/gpu_check.py, as on a GPU but with the tiny widths on the CPU: counts of what a step ran."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "runs", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    flags = ["--size", "tiny", "--device", "cpu", "--group-size", "2", "--steps", "3", "--out", str(tmp_path)]
+    grpo = gpu_check.main(gpu_check.parse_args(["--step", "grpo", *flags]))
+    result = gpu_check.main(gpu_check.parse_args(["--step", "opd", *flags]))
+    for r in (grpo, result):
+        assert r["samples"] == 6 and r["dtype"] == "bf16" and r["step_time"] > 0 and r["mfu"] is None
+        assert json.loads((tmp_path / f"gpu_check_{r['step_name']}.json").read_text())["step_time"] == r["step_time"]
+    # rollout: 3 steps of one chunk of 6; 2 trained steps x 2 updates of 3 samples: policy and KL reference
+    assert grpo["forwards"] == 3 + 2 * 2 * 2
+    # OPD: the same rollout, then per update and trained step the student, the anchor and each routed teacher
+    assert result["anchor_forwards"] == 4 and 4 <= result["teacher_forwards"] <= 12
+    assert result["forwards"] == 3 + 4 + 4 + result["teacher_forwards"]

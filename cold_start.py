@@ -58,12 +58,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=40, help="teacher sampling steps (the eval setting)")
     p.add_argument("--cfg", type=float, default=4.5, help="teacher guidance scale w in (CFG)")
     p.add_argument("--sample-batch", type=int, default=8,
-                   help="teacher images sampled (forward passes, x2 with CFG) and decoded at once per process")
+                   help="teacher images sampled (forward passes, x2 with CFG) and decoded at once "
+                        "per process")
     # --init sft: student fine-tuning
     p.add_argument("--rank", type=int, default=32, help="student LoRA rank")
     p.add_argument("--alpha", type=int, default=64, help="student LoRA alpha")
     p.add_argument("--lora-targets", default=",".join(common.LORA_TARGETS),
-                   help="modules the student LoRA adapts, comma-separated peft target_modules (default: Flow-GRPO's)")
+                   help="modules the student LoRA adapts, comma-separated peft target_modules "
+                        "(default: Flow-GRPO's)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--train-shift", type=float, default=None,
                    help="shift of the logit-normal training times t (default --shift, as SD3's LoRA training; "
@@ -262,7 +264,7 @@ def init_sft(args):
         param.requires_grad_(".student." in name)
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
-        p.data = p.data.float()  # the trained LoRA and its optimizer state in fp32, whatever --mixed-precision
+        p.data = p.data.float()  # the trained LoRA and its optimizer state: fp32 in any precision
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     ema = common.EMA(params, args.ema) if args.ema else None
     next_step, checkpoint = common.resume_training(args, transformer, "student", optimizer, ema)

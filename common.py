@@ -267,8 +267,8 @@ def lora_targets(spec):
     target or ends in '.' + a target (so 'attn.to_q' matches blocks.N.attn.to_q, not attn2.to_q)."""
     targets = [t.strip() for t in spec.split(",") if t.strip()]
     if not targets:
-        raise ValueError(f"--lora-targets {spec!r} names no module; expected comma-separated module names, "
-                         f"e.g. {','.join(LORA_TARGETS)}")
+        raise ValueError(f"--lora-targets {spec!r} names no module; expected comma-separated "
+                         f"module names, e.g. {','.join(LORA_TARGETS)}")
     return targets
 
 
@@ -480,8 +480,8 @@ def load_pipeline(model, device="cpu", dtype=torch.float32):
         raise ValueError(f"--model {model!r}: no such diffusers folder (expected a folder with model_index.json "
                          "or a hub id like 'stabilityai/stable-diffusion-3.5-medium')")
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype={"default": dtype, "vae": torch.float32},
-                                                        **kwargs)
+        dtypes = {"default": dtype, "vae": torch.float32}
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtypes, **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(f"--model {model!r} could not be loaded as a StableDiffusion3Pipeline: {e}") from None
     pipe.set_progress_bar_config(disable=True)
@@ -911,19 +911,21 @@ def save_grid(images, path, nrow):
 # ----------------------------------------------------------------------------- shared command-line flags
 
 def add_model_args(parser, model="stabilityai/stable-diffusion-3.5-medium"):
-    """Flags every stage shares. Sizes default to None = the released settings (512 px, 128 T5 tokens)
-    or the toy's, and --shift to the model's scheduler."""
+    """Flags every stage shares. Sizes default to None = the released settings (512 px, 128 T5
+    tokens) or the toy's, and --shift to the model's scheduler."""
     parser.add_argument("--model", default=model, help="diffusers SD3 folder or hub id")
     parser.add_argument("--resolution", type=int, default=None, help="image size in px (default: 512, or the toy's)")
     parser.add_argument("--max-sequence-length", type=int, default=None,
-                        help="T5 tokens in encode_prompt; training and sampling must agree (default: 128 as "
-                             "Flow-GRPO trained and evaluated, or the toy's)")
+                        help="T5 tokens in encode_prompt; training and sampling must agree "
+                             "(default: 128 as Flow-GRPO trained and evaluated, or the toy's)")
     parser.add_argument("--shift", type=float, default=None,
-                        help="schedule shift of FlowMatchEulerDiscreteScheduler (default: the model's scheduler's)")
+                        help="schedule shift of FlowMatchEulerDiscreteScheduler "
+                             "(default: the model's scheduler's)")
     parser.add_argument("--device", default=None, help="default: cuda:<local rank> if available, else cpu")
     parser.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="dtype of the frozen transformer and text encoders, and of autocast (default: fp16 on "
-                             "GPU, the released config, fp32 on CPU); the VAE and the trained LoRA stay fp32")
+                        help="dtype of the frozen transformer and text encoders, and of autocast "
+                             "(default: fp16 on GPU, the released config, fp32 on CPU); the VAE "
+                             "and the trained LoRA stay fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 under torchrun)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ddp-timeout", type=float, default=600,
@@ -965,13 +967,15 @@ def add_training_args(parser):
                         help="optimizer updates per batch of rollouts (later ones are off-policy: PPO's ratio)")
     parser.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward")
     parser.add_argument("--sample-batch", type=int, default=8,
-                        help="images sampled (rollout forward passes, x2 with CFG) and decoded at once per process: "
-                             "bounds the memory of a step's rollouts (Flow-GRPO samples 9 at a time)")
+                        help="images sampled (rollout forward passes, x2 with CFG) and decoded at "
+                             "once per process: bounds the memory of a step's rollouts (Flow-GRPO "
+                             "samples 9 at a time)")
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (of a fresh LoRA)")
     parser.add_argument("--alpha", type=int, default=64, help="LoRA alpha (of a fresh LoRA)")
     parser.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
-                        help="modules a fresh LoRA adapts, comma-separated peft target_modules (default: Flow-GRPO's, "
-                             "attention of the joint blocks without SD3.5-M's dual attention attn2)")
+                        help="modules a fresh LoRA adapts, comma-separated peft target_modules "
+                             "(default: Flow-GRPO's, the joint blocks' attention without SD3.5-M's "
+                             "dual attention attn2)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -984,8 +988,8 @@ def add_training_args(parser):
 
 
 def resolve_model_args(args):
-    """Fill the size flags left at None from the model's flow_opd.json (toy) or the released settings,
-    and --shift from the model's scheduler config."""
+    """Fill the size flags left at None from the model's flow_opd.json (toy) or the released
+    settings, and --shift from the model's scheduler config."""
     defaults = model_defaults(args.model) if os.path.isdir(args.model) else {}
     if args.resolution is None:
         args.resolution = defaults.get("resolution", 512)
@@ -1001,11 +1005,12 @@ def resolve_model_args(args):
 
 
 def scheduler_shift(model):
-    """The shift of the model's FlowMatchEulerDiscreteScheduler, from scheduler/scheduler_config.json of a
-    local folder or a hub id (cache or hub); None when it cannot be read (load_pipeline then says why,
-    and load_stage_pipeline takes the loaded scheduler's)."""
+    """The shift of the model's FlowMatchEulerDiscreteScheduler, from its
+    scheduler/scheduler_config.json (a local folder, or a hub id: cache or hub); None when it cannot
+    be read (load_pipeline then says why, and load_stage_pipeline takes the loaded scheduler's)."""
     path = os.path.join(model, "scheduler", "scheduler_config.json")
-    if not os.path.isdir(model) and not os.path.exists(model) and model.count("/") == 1 and not model.startswith("."):
+    hub_id = not os.path.exists(model) and model.count("/") == 1 and not model.startswith(".")
+    if hub_id:
         from huggingface_hub import hf_hub_download
         try:
             path = hf_hub_download(model, "scheduler/scheduler_config.json")
@@ -1026,32 +1031,35 @@ def check_resolution(pipe, resolution):
 
 
 def check_sequence_length(pipe, max_sequence_length):
-    """--max-sequence-length must fit the T5 tokenizer (without a T5 it only sets the zero padding)."""
-    limit = getattr(pipe.tokenizer_3, "model_max_length", None) if pipe.text_encoder_3 is not None else None
+    """--max-sequence-length must fit the T5 tokenizer (without a T5 it only sets the padding)."""
+    t5 = pipe.text_encoder_3 is not None
+    limit = getattr(pipe.tokenizer_3, "model_max_length", None) if t5 else None
     if limit and max_sequence_length > limit:
-        raise ValueError(f"--max-sequence-length {max_sequence_length} is above the T5 tokenizer's limit of {limit} "
-                         f"tokens: pass at most {limit} (the released settings use 128)")
+        raise ValueError(f"--max-sequence-length {max_sequence_length} is above the T5 tokenizer's "
+                         f"limit of {limit} tokens: pass at most {limit} (released: 128)")
 
 
 def resolve_precision(mixed_precision, device):
-    """--mixed-precision on `device`: the name given, or the released default (fp16 on CUDA, Flow-GRPO's
-    config; fp32 elsewhere). A dtype the device cannot run is an error."""
+    """--mixed-precision on `device`: the name given, or the released default (fp16 on CUDA,
+    Flow-GRPO's config; fp32 elsewhere). A dtype the device cannot run is an error."""
     device = torch.device(device)
     precision = mixed_precision or ("fp16" if device.type == "cuda" else "fp32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} cannot compute in bf16; "
-                         "use fp16 or fp32")
+        raise ValueError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} cannot "
+                         "compute in bf16; use fp16 or fp32")
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("--mixed-precision fp16 does not run on the CPU (diffusers has no fp16 CPU pipeline); "
-                         "use bf16 or fp32 there")
+        raise ValueError("--mixed-precision fp16 does not run on the CPU (diffusers has no fp16 "
+                         "CPU pipeline); use bf16 or fp32 there")
     return precision
 
 
 def load_stage_pipeline(args, device):
     """The frozen pipeline of a stage, under the released precision rule: the transformer (and the
-    teacher adapters on it) and the text encoders in --mixed-precision's dtype, the VAE in fp32 (decode
-    runs in fp32); the LoRA a stage trains and its optimizer state are fp32 (make_optimizer).
-    Resolves args.mixed_precision on `device` and checks --resolution and --max-sequence-length."""
+    teacher adapters on it) and the text encoders in --mixed-precision's dtype, the VAE in fp32
+    (decode runs in fp32); the LoRA a stage trains and its optimizer state are fp32
+    (make_optimizer).
+    Resolves args.mixed_precision on `device`, checks --resolution and --max-sequence-length, and
+    fills --shift from the scheduler when resolve_model_args could not."""
     args.mixed_precision = resolve_precision(args.mixed_precision, device)
     pipe = load_pipeline(args.model, device, weight_dtype(args.mixed_precision))
     check_resolution(pipe, args.resolution)
@@ -1129,8 +1137,8 @@ def broadcast_params(params):
 
 
 def weight_dtype(mixed_precision):
-    """dtype of the frozen weights (transformer, text encoders) for --mixed-precision bf16/fp16, else fp32
-    (resolve_precision picks the default; the VAE and the trained LoRA are fp32 always)."""
+    """dtype of the frozen weights (transformer, text encoders) for --mixed-precision bf16/fp16,
+    else fp32 (resolve_precision picks the default; the VAE and the trained LoRA: always fp32)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
@@ -1257,13 +1265,14 @@ def cli(main, parse_args):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if rank == 0:
         args = parse_args()
-    else:  # every rank parses the same command line: argparse's usage, help or error is rank 0's to print
+    else:  # every rank parses the same command line: rank 0 prints argparse's usage, help or error
+        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with quiet[0], quiet[1]:
                 args = parse_args()
         except SystemExit as e:
             if e.code:
-                time.sleep(RANK_ERROR_DELAY)  # rank 0 prints it meanwhile, and torchrun stops this process
+                time.sleep(RANK_ERROR_DELAY)  # rank 0 prints it meanwhile; torchrun stops this one
             raise
     import rewards
     faults = (FloatingPointError, DistributedError, rewards.RewardServerError)
@@ -1276,8 +1285,8 @@ def cli(main, parse_args):
         if isinstance(e, faults) and "--resume" not in message and getattr(args, "out", None):
             message += f"; the checkpoints in {args.out!r} are intact: rerun with --resume auto"
         if rank > 0 and not isinstance(e, faults):
-            # rank 0 meets the same bad input and reports it, and torchrun then stops this process during
-            # the wait; an error of this rank alone (rank 0 runs on) is still reported, after it
+            # rank 0 meets the same bad input and reports it, and torchrun then stops this process
+            # during the wait; an error of this rank alone (rank 0 runs on) is reported after it
             time.sleep(RANK_ERROR_DELAY)
         where = f"rank {rank}: " if world_size > 1 and (rank > 0 or isinstance(e, faults)) else ""
         print(f"{os.path.basename(sys.argv[0])}: {where}error: {message}", file=sys.stderr, flush=True)
@@ -1297,20 +1306,20 @@ def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device,
     ids = step_prompts(len(prompts), args.batch_size, args.seed, step).repeat(args.group_size)
     ids = ids.reshape(args.group_size, -1).T.flatten()
     mine = [prompts[i] for i in ids[local]]
-    # each distinct prompt of the step is encoded once and its group reuses the outputs; every rank encodes
-    # the same set, so that the embeddings do not depend on the number of processes
+    # each distinct prompt of the step is encoded once and its group reuses the outputs; every rank
+    # encodes the same set, so that the embeddings do not depend on the number of processes
     row_of = {text: k for k, text in enumerate(dict.fromkeys(prompts[i].text for i in ids))}
-    (embeds, pooled), (neg_embeds, neg_pooled) = encode_prompts(pipe, list(row_of), args.max_sequence_length, device)
-    rows = torch.tensor([row_of[p.text] for p in mine], device=embeds.device)
-    cond, uncond = (embeds[rows], pooled[rows]), (neg_embeds[rows], neg_pooled[rows])
+    cond, uncond = encode_prompts(pipe, list(row_of), args.max_sequence_length, device)
+    rows = torch.tensor([row_of[p.text] for p in mine], device=cond[0].device)
+    cond, uncond = (cond[0][rows], cond[1][rows]), (uncond[0][rows], uncond[1][rows])
     gens = sample_generators(args.seed, step, range(n_samples)[local])
     sde_steps = trained_steps(args) if args.sde_window == "trained" else None
     parts = []
     with autocast(device, args.mixed_precision):
         latents = initial_latents(pipe, args.resolution, gens, device)
-        for part in torch.arange(len(mine)).split(args.sample_batch):  # --sample-batch samples at a time
-            parts.append(rollout(pipe.transformer, (cond[0][part], cond[1][part]), (uncond[0][part], uncond[1][part]),
-                                 latents[part], t, guidance_scale, args.noise_level, [gens[i] for i in part],
-                                 sde_steps=sde_steps))
+        for part in torch.arange(len(mine)).split(args.sample_batch):  # --sample-batch at a time
+            c, u = (cond[0][part], cond[1][part]), (uncond[0][part], uncond[1][part])
+            parts.append(rollout(pipe.transformer, c, u, latents[part], t, guidance_scale,
+                                 args.noise_level, [gens[i] for i in part], sde_steps=sde_steps))
     xs, log_probs = torch.cat([r.xs for r in parts]), torch.cat([r.log_probs for r in parts])
     return mine, cond, uncond, xs, log_probs

@@ -77,8 +77,8 @@ def test_torchrun_two_processes_match_one(tiny_model, data_root, tmp_path):
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     for a, b in zip(one, two):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-5)
-        # the surrogate is a cancellation (a group's advantages sum to 0) of terms A (rho - 1) with rho - 1
-        # ~1e-6 here: other batch shapes move it by a few 1e-9, 0.5 % of its value
+        # the surrogate is a cancellation (a group's advantages sum to 0) of terms A (rho - 1),
+        # rho - 1 ~1e-6 here: other batch shapes move it by a few 1e-9, 0.5 % of its value
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-2, abs=1e-9)
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4)
     la, _ = common.read_lora(str(tmp_path / "one" / "final"))

@@ -196,7 +196,7 @@ def run_one(args):
     if args.model:
         pipe = common.load_pipeline(args.model, d.device, dtype)
         defaults = common.model_defaults(args.model) if os.path.isdir(args.model) else {}
-        resolution, max_seq = defaults.get("resolution", 512), defaults.get("max_sequence_length", 256)
+        resolution, max_seq = defaults.get("resolution", 512), defaults.get("max_sequence_length", 128)
     else:
         pipe = random_pipeline(args).to(d.device, dtype)
         resolution, max_seq = toy.RESOLUTION, 1
@@ -285,7 +285,8 @@ def grpo_step(pipe, transformer, optimizer, params, reward_fns, prompts, stage, 
     mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, stage, 0, local, stage.cfg,
                                                                      d.device, t)
     t1 = meter.now()
-    scores = common.score(reward_fns, common.decode(pipe, xs[:, -1]), mine).to(d.device)
+    images = common.decode(pipe, xs[:, -1], stage.sample_batch)
+    scores = common.score(reward_fns, images, mine).to(d.device)
     advantages, keep = common.group_advantages(scores, stage.group_size, stage.adv_clip)
     t2 = meter.now()
     logs = teacher_grpo.grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs, advantages, keep,

@@ -56,7 +56,9 @@ def parse_args(argv=None):
                         "default: each task's reward named like the task")
     p.add_argument("--steps", type=int, default=40, help="teacher sampling steps (the eval setting)")
     p.add_argument("--cfg", type=float, default=4.5, help="teacher guidance scale w in (CFG)")
-    p.add_argument("--sample-batch-size", type=int, default=16, help="images per teacher forward batch")
+    p.add_argument("--sample-batch", type=int, default=8,
+                   help="teacher images sampled (forward passes, x2 with CFG) and decoded at once "
+                        "per process")
     # --init sft: student fine-tuning
     common.add_optimizer_args(p)
     p.set_defaults(lr=1e-4, max_steps=1000, save_every=100)
@@ -110,11 +112,12 @@ def parse_weights(spec, teachers):
 def init_sft(args):
     common.resolve_model_args(args)
     common.check_positive(samples_per_prompt=args.samples_per_prompt, best_of=args.best_of, steps=args.steps,
-                          sample_batch_size=args.sample_batch_size, rank=args.rank, alpha=args.alpha,
+                          sample_batch=args.sample_batch, rank=args.rank, alpha=args.alpha,
                           batch_size=args.batch_size, max_steps=args.max_steps, save_every=args.save_every)
     if args.weights is not None or args.merge_rank is not None:
         raise ValueError("--weights and --merge-rank only apply to --init merge")
     common.check_ema(args.ema)
+    targets = common.lora_targets(args.lora_targets)
     if not 0 <= args.caption_dropout <= 1:
         raise ValueError(f"--caption-dropout {args.caption_dropout} is a share of samples: give a number in [0, 1]")
 
@@ -135,8 +138,7 @@ def init_sft(args):
     dist = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     if args.batch_size % dist.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {dist.world_size} processes")
-    pipe = common.load_pipeline(args.model, device=dist.device)
-    common.check_resolution(pipe, args.resolution)
+    pipe = common.load_stage_pipeline(args, dist.device)
     transformer = pipe.transformer
     adapters = {task: "base" if teachers[task] == "base" else f"teacher_{task}" for task in tasks}
     for task, (state, config) in loras.items():  # all teachers on ONE frozen base, switched per task
@@ -166,7 +168,7 @@ def init_sft(args):
 
     # 3. a fresh student LoRA, the only trainable parameters, fine-tuned with flow matching   (FM)
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
-    transformer.add_adapter(common.lora_config(args.rank, args.alpha), "student")
+    transformer.add_adapter(common.lora_config(args.rank, args.alpha, targets), "student")
     common.use_adapter(transformer, "student")
     for name, param in transformer.named_parameters():
         param.requires_grad_(".student." in name)
@@ -281,7 +283,7 @@ def sample_shard(pipe, prompts, first, adapters, reward_fns, args, device):
             images, x0 = common.generate(pipe, texts, common.sample_generators(args.seed, 0, indices), steps=args.steps,
                                          guidance_scale=args.cfg, resolution=args.resolution,
                                          max_sequence_length=args.max_sequence_length, shift=args.shift,
-                                         batch_size=args.sample_batch_size, device=device, return_latents=True)
+                                         batch_size=args.sample_batch, device=device, return_latents=True)
         x0 = x0.float().cpu().view(len(idx), S, N, *x0.shape[1:])
         best = torch.zeros(len(idx), S, dtype=torch.long)
         reward = None

@@ -8,6 +8,7 @@ v = eps - x_0, sampling runs t = 1 -> 0, dt = t_next - t < 0.
 """
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -25,12 +26,15 @@ import torch.distributed as dist
 # the released Flow-GRPO teachers, one LoRA per task on SD3.5-M
 PAPER_TEACHERS = ("geneval=jieliu/SD3.5M-FlowGRPO-GenEval,ocr=jieliu/SD3.5M-FlowGRPO-Text,"
                   "pickscore=jieliu/SD3.5M-FlowGRPO-PickScore")
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Flow-GRPO's LoRA targets: the `attn.` prefix leaves SD3.5-M's dual-attention `attn2` out
+LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
 
 SDEStep = namedtuple("SDEStep", "x_next log_prob mean std")
 Rollout = namedtuple("Rollout", "xs log_probs")
 Prompt = namedtuple("Prompt", "text task metadata")
 Dist = namedtuple("Dist", "rank world_size local_rank device is_main")
+RANK_ERROR_DELAY = 5.0  # seconds a rank other than 0 waits before it reports bad input (cli)
 
 
 # ----------------------------------------------------------------------------- schedule and sampler
@@ -259,6 +263,16 @@ def lora_config(rank=32, alpha=64, target_modules=None):
     from peft import LoraConfig
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                       target_modules=list(target_modules or LORA_TARGETS))
+
+
+def lora_targets(spec):
+    """--lora-targets 'a,b,...' -> peft target_modules: a module is adapted when its name is a
+    target or ends in '.' + a target (so 'attn.to_q' matches blocks.N.attn.to_q, not attn2.to_q)."""
+    targets = [t.strip() for t in spec.split(",") if t.strip()]
+    if not targets:
+        raise ValueError(f"--lora-targets {spec!r} names no module; expected comma-separated "
+                         f"module names, e.g. {','.join(LORA_TARGETS)}")
+    return targets
 
 
 def use_adapter(transformer, name):
@@ -530,7 +544,8 @@ def model_defaults(model):
 
 
 def load_pipeline(model, device="cpu", dtype=torch.float32):
-    """A frozen StableDiffusion3Pipeline from a local diffusers folder or a hub id (--model)."""
+    """A frozen StableDiffusion3Pipeline from a local diffusers folder or a hub id (--model): the
+    transformer and text encoders in `dtype`, the VAE in fp32 (the released precision rule)."""
     from diffusers import StableDiffusion3Pipeline
     kwargs = {}
     if os.path.isdir(model):
@@ -547,7 +562,8 @@ def load_pipeline(model, device="cpu", dtype=torch.float32):
         raise ValueError(f"--model {model!r}: no such diffusers folder (expected a folder with model_index.json "
                          "or a hub id like 'stabilityai/stable-diffusion-3.5-medium')")
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **kwargs)
+        dtypes = {"default": dtype, "vae": torch.float32}
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtypes, **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(f"--model {model!r} could not be loaded as a StableDiffusion3Pipeline: {e}") from None
     pipe.set_progress_bar_config(disable=True)
@@ -576,12 +592,17 @@ def initial_latents(pipe, resolution, generators, device):
 
 
 @torch.no_grad()
-def decode(pipe, latents):
-    """Latents -> images, float [B, 3, H, W] in [0, 1]."""
+def decode(pipe, latents, batch_size=None):
+    """Latents -> images, float [B, 3, H, W] in [0, 1], batch_size latents at a time (None: all at
+    once). The VAE decodes in fp32 (its dtype) also inside an autocast block, as released."""
     vae = pipe.vae
-    x = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-    image = vae.decode(x.to(vae.dtype), return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1)
+    images = []
+    for part in latents.split(batch_size or max(len(latents), 1)):
+        x = part.float() / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        with torch.autocast(x.device.type, enabled=False):
+            image = vae.decode(x.to(vae.dtype), return_dict=False)[0]
+        images.append((image.float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(images)
 
 
 def sample_generators(seed, step, indices):
@@ -973,15 +994,21 @@ def save_grid(images, path, nrow):
 # ----------------------------------------------------------------------------- shared command-line flags
 
 def add_model_args(parser, model="stabilityai/stable-diffusion-3.5-medium"):
-    """Flags every stage shares. Sizes default to None = the model's own (SD3.5-M: 512 px, 256 T5 tokens)."""
+    """Flags every stage shares. Sizes default to None = the released settings (512 px, 128 T5
+    tokens) or the toy's, and --shift to the model's scheduler."""
     parser.add_argument("--model", default=model, help="diffusers SD3 folder or hub id")
     parser.add_argument("--resolution", type=int, default=None, help="image size in px (default: 512, or the toy's)")
     parser.add_argument("--max-sequence-length", type=int, default=None,
-                        help="T5 tokens in encode_prompt; training and sampling must agree (default: 256, or the toy's)")
-    parser.add_argument("--shift", type=float, default=3.0, help="schedule shift of FlowMatchEulerDiscreteScheduler")
+                        help="T5 tokens in encode_prompt; training and sampling must agree "
+                             "(default: 128 as Flow-GRPO trained and evaluated, or the toy's)")
+    parser.add_argument("--shift", type=float, default=None,
+                        help="schedule shift of FlowMatchEulerDiscreteScheduler "
+                             "(default: the model's scheduler's)")
     parser.add_argument("--device", default=None, help="default: cuda:<local rank> if available, else cpu")
     parser.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+                        help="dtype of the frozen transformer and text encoders, and of autocast "
+                             "(default: fp16 on GPU, the released config, fp32 on CPU); the VAE "
+                             "and the trained LoRA stay fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 under torchrun)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ddp-timeout", type=float, default=600,
@@ -1023,6 +1050,10 @@ def add_training_args(parser):
     parser.add_argument("--updates-per-step", type=int, default=2,
                         help="optimizer updates per batch of rollouts (later ones are off-policy: PPO's ratio)")
     parser.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward")
+    parser.add_argument("--sample-batch", type=int, default=8,
+                        help="images sampled (rollout forward passes, x2 with CFG) and decoded at "
+                             "once per process: bounds the memory of a step's rollouts (Flow-GRPO "
+                             "samples 9 at a time)")
     parser.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
 
 
@@ -1031,6 +1062,10 @@ def add_optimizer_args(parser):
     with parser.set_defaults."""
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (of a fresh LoRA)")
     parser.add_argument("--alpha", type=int, default=64, help="LoRA alpha (of a fresh LoRA)")
+    parser.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                        help="modules a fresh LoRA adapts, comma-separated peft target_modules "
+                             "(default: Flow-GRPO's, the joint blocks' attention without SD3.5-M's "
+                             "dual attention attn2)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -1042,17 +1077,38 @@ def add_optimizer_args(parser):
 
 
 def resolve_model_args(args):
-    """Fill the size flags left at None from the model's flow_opd.json (toy) or SD3.5-M's defaults."""
+    """Fill the size flags left at None from the model's flow_opd.json (toy) or the released
+    settings, and --shift from the model's scheduler config."""
     defaults = model_defaults(args.model) if os.path.isdir(args.model) else {}
     if args.resolution is None:
         args.resolution = defaults.get("resolution", 512)
     if args.max_sequence_length is None:
-        args.max_sequence_length = defaults.get("max_sequence_length", 256)
+        args.max_sequence_length = defaults.get("max_sequence_length", 128)
+    if args.shift is None:
+        args.shift = scheduler_shift(args.model)
     if args.threads is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         args.threads = 1
     check_positive(resolution=args.resolution, max_sequence_length=args.max_sequence_length,
                    ddp_timeout=args.ddp_timeout, **({"threads": args.threads} if args.threads is not None else {}))
     return args
+
+
+def scheduler_shift(model):
+    """The shift of the model's FlowMatchEulerDiscreteScheduler, from its
+    scheduler/scheduler_config.json (a local folder, or a hub id: cache or hub); None when it cannot
+    be read (load_pipeline then says why, and load_stage_pipeline takes the loaded scheduler's)."""
+    path = os.path.join(model, "scheduler", "scheduler_config.json")
+    hub_id = not os.path.exists(model) and model.count("/") == 1 and not model.startswith(".")
+    if hub_id:
+        from huggingface_hub import hf_hub_download
+        try:
+            path = hf_hub_download(model, "scheduler/scheduler_config.json")
+        except Exception:
+            return None
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f).get("shift", 1.0))
 
 
 def check_resolution(pipe, resolution):
@@ -1063,9 +1119,48 @@ def check_resolution(pipe, resolution):
                          f"(VAE factor {pipe.vae_scale_factor} x patch size {pipe.transformer.config.patch_size})")
 
 
+def check_sequence_length(pipe, max_sequence_length):
+    """--max-sequence-length must fit the T5 tokenizer (without a T5 it only sets the padding)."""
+    t5 = pipe.text_encoder_3 is not None
+    limit = getattr(pipe.tokenizer_3, "model_max_length", None) if t5 else None
+    if limit and max_sequence_length > limit:
+        raise ValueError(f"--max-sequence-length {max_sequence_length} is above the T5 tokenizer's "
+                         f"limit of {limit} tokens: pass at most {limit} (released: 128)")
+
+
+def resolve_precision(mixed_precision, device):
+    """--mixed-precision on `device`: the name given, or the released default (fp16 on CUDA,
+    Flow-GRPO's config; fp32 elsewhere). A dtype the device cannot run is an error."""
+    device = torch.device(device)
+    precision = mixed_precision or ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} cannot "
+                         "compute in bf16; use fp16 or fp32")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("--mixed-precision fp16 does not run on the CPU (diffusers has no fp16 "
+                         "CPU pipeline); use bf16 or fp32 there")
+    return precision
+
+
+def load_stage_pipeline(args, device):
+    """The frozen pipeline of a stage, under the released precision rule: the transformer (and the
+    teacher adapters on it) and the text encoders in --mixed-precision's dtype, the VAE in fp32
+    (decode runs in fp32); the LoRA a stage trains and its optimizer state are fp32
+    (make_optimizer).
+    Resolves args.mixed_precision on `device`, checks --resolution and --max-sequence-length, and
+    fills --shift from the scheduler when resolve_model_args could not."""
+    args.mixed_precision = resolve_precision(args.mixed_precision, device)
+    pipe = load_pipeline(args.model, device, weight_dtype(args.mixed_precision))
+    check_resolution(pipe, args.resolution)
+    check_sequence_length(pipe, args.max_sequence_length)
+    if args.shift is None:
+        args.shift = float(pipe.scheduler.config.shift)
+    return pipe
+
+
 def autocast(device, mixed_precision):
-    """torch.autocast for bf16/fp16 (None = bf16 on GPU, fp32 on CPU); a no-op context for fp32."""
-    precision = mixed_precision or ("bf16" if device.type == "cuda" else "fp32")
+    """torch.autocast for bf16/fp16 (None = fp16 on GPU, fp32 on CPU); a no-op context for fp32."""
+    precision = mixed_precision or ("fp16" if device.type == "cuda" else "fp32")
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -1131,8 +1226,8 @@ def broadcast_params(params):
 
 
 def weight_dtype(mixed_precision):
-    """dtype of the frozen base weights: that of an explicit --mixed-precision bf16/fp16, else fp32
-    (autocast() picks the compute dtype; the trained LoRA is fp32 always, see make_optimizer)."""
+    """dtype of the frozen weights (transformer, text encoders) for --mixed-precision bf16/fp16,
+    else fp32 (resolve_precision picks the default; the VAE and the trained LoRA: always fp32)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
@@ -1215,7 +1310,7 @@ def save_eval_grid(pipe, prompts, args, step, guidance_scale):
     images = generate(pipe, [p.text for p in prompts], sample_generators(args.seed, -1, range(len(prompts))),
                       steps=args.steps, guidance_scale=guidance_scale, resolution=args.resolution,
                       max_sequence_length=args.max_sequence_length, shift=args.shift,
-                      device=pipe.transformer.device)
+                      batch_size=args.sample_batch, device=pipe.transformer.device)
     os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
     save_grid(images, os.path.join(args.out, "grids", f"step-{step + 1:05d}.png"), nrow=len(prompts))
 
@@ -1241,6 +1336,7 @@ def check_training_args(args):
     if args.eval_every < 0:
         raise ValueError(f"--eval-every must be >= 0 (0: never), got {args.eval_every}")
     check_ema(args.ema)
+    lora_targets(args.lora_targets)
     find_checkpoint(args.resume, args.out)
 
 
@@ -1252,9 +1348,21 @@ def training_state(optimizer, ema=None):
 def cli(main, parse_args):
     """A stage's command-line entry: a mistake in the command line or a known fault (NaN loss, reward
     server down, a lost process) ends in one sentence on stderr, '<script>: error: ...', exit status
-    2 for bad input and 1 for a fault, instead of a traceback from deep inside a library.
+    2 for bad input and 1 for a fault, instead of a traceback from deep inside a library. Under
+    torchrun every rank checks the same command line, so bad input is reported by rank 0 alone.
     FLOW_OPD_TRACEBACK=1 shows the traceback too."""
-    args = parse_args()
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if rank == 0:
+        args = parse_args()
+    else:  # every rank parses the same command line: rank 0 prints argparse's usage, help or error
+        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+        try:
+            with quiet[0], quiet[1]:
+                args = parse_args()
+        except SystemExit as e:
+            if e.code:
+                time.sleep(RANK_ERROR_DELAY)  # rank 0 prints it meanwhile; torchrun stops this one
+            raise
     faults = (FloatingPointError, DistributedError, ConnectionError)  # ConnectionError: a reward server
     try:
         return main(args)
@@ -1264,7 +1372,11 @@ def cli(main, parse_args):
         message = str(e).rstrip(".")
         if isinstance(e, faults) and "--resume" not in message and getattr(args, "out", None):
             message += f"; the checkpoints in {args.out!r} are intact: rerun with --resume auto"
-        where = f"rank {os.environ.get('RANK', 0)}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        if rank > 0 and not isinstance(e, faults):
+            # rank 0 meets the same bad input and reports it, and torchrun then stops this process
+            # during the wait; an error of this rank alone (rank 0 runs on) is reported after it
+            time.sleep(RANK_ERROR_DELAY)
+        where = f"rank {rank}: " if world_size > 1 and (rank > 0 or isinstance(e, faults)) else ""
         print(f"{os.path.basename(sys.argv[0])}: {where}error: {message}", file=sys.stderr, flush=True)
         sys.exit(1 if isinstance(e, faults) else 2)
 
@@ -1282,10 +1394,20 @@ def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device,
     ids = step_prompts(len(prompts), args.batch_size, args.seed, step).repeat(args.group_size)
     ids = ids.reshape(args.group_size, -1).T.flatten()
     mine = [prompts[i] for i in ids[local]]
-    cond, uncond = encode_prompts(pipe, [p.text for p in mine], args.max_sequence_length, device)
+    # each distinct prompt of the step is encoded once and its group reuses the outputs; every rank
+    # encodes the same set, so that the embeddings do not depend on the number of processes
+    row_of = {text: k for k, text in enumerate(dict.fromkeys(prompts[i].text for i in ids))}
+    cond, uncond = encode_prompts(pipe, list(row_of), args.max_sequence_length, device)
+    rows = torch.tensor([row_of[p.text] for p in mine], device=cond[0].device)
+    cond, uncond = (cond[0][rows], cond[1][rows]), (uncond[0][rows], uncond[1][rows])
     gens = sample_generators(args.seed, step, range(n_samples)[local])
+    sde_steps = trained_steps(args) if args.sde_window == "trained" else None
+    parts = []
     with autocast(device, args.mixed_precision):
         latents = initial_latents(pipe, args.resolution, gens, device)
-        xs, log_probs = rollout(pipe.transformer, cond, uncond, latents, t, guidance_scale, args.noise_level, gens,
-                                sde_steps=trained_steps(args) if args.sde_window == "trained" else None)
+        for part in torch.arange(len(mine)).split(args.sample_batch):  # --sample-batch at a time
+            c, u = (cond[0][part], cond[1][part]), (uncond[0][part], uncond[1][part])
+            parts.append(rollout(pipe.transformer, c, u, latents[part], t, guidance_scale,
+                                 args.noise_level, [gens[i] for i in part], sde_steps=sde_steps))
+    xs, log_probs = torch.cat([r.xs for r in parts]), torch.cat([r.log_probs for r in parts])
     return mine, cond, uncond, xs, log_probs

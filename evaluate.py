@@ -473,8 +473,7 @@ def main(args):
     metrics = {column: load_metric(spec, server) for column, spec in specs.items() if column in tasks or column == "deqa"}
     loras = [common.read_lora(path) for path in adapters]  # a bad path fails before the model loads
 
-    pipe = common.load_pipeline(args.model, ddp.device)
-    common.check_resolution(pipe, args.resolution)
+    pipe = common.load_stage_pipeline(args, ddp.device)
     load_adapters(pipe.transformer, loras, adapters)
     sampling = dict(seed=args.seed, steps=args.steps, guidance_scale=args.cfg, resolution=args.resolution,
                     max_sequence_length=args.max_sequence_length, shift=args.shift, batch_size=args.batch_size,

@@ -51,7 +51,8 @@ def parse_args(argv=None):
 def validate(args, tasks, teachers):
     common.check_positive(batch_size=args.batch_size, group_size=args.group_size, steps=args.steps,
                           max_steps=args.max_steps, micro_batch=args.micro_batch,
-                          updates_per_step=args.updates_per_step, save_every=args.save_every)
+                          updates_per_step=args.updates_per_step, save_every=args.save_every,
+                          sample_batch=args.sample_batch)
     if args.noise_level <= 0:
         raise ValueError(f"--noise-level must be > 0 for on-policy SDE rollouts and their KL, got {args.noise_level}")
     common.check_training_args(args)
@@ -92,8 +93,7 @@ def main(args):
     common.minibatches(local.stop - local.start, args.updates_per_step)  # fails early on a bad split
 
     # 1. one frozen base; teachers, anchor and student are adapters on it
-    pipe = common.load_pipeline(args.model, d.device, common.weight_dtype(args.mixed_precision))
-    common.check_resolution(pipe, args.resolution)
+    pipe = common.load_stage_pipeline(args, d.device)
     transformer = pipe.transformer
     adapter_of = {}  # task -> adapter name, one adapter per distinct path
     for task, path in teachers.items():
@@ -111,7 +111,8 @@ def main(args):
                                                         rank=args.merge_rank)
         common.add_lora_from_state(transformer, "student", state, config)
     elif args.init == "none":
-        transformer.add_adapter(common.lora_config(args.rank, args.alpha), "student")
+        targets = common.lora_targets(args.lora_targets)
+        transformer.add_adapter(common.lora_config(args.rank, args.alpha, targets), "student")
     else:
         common.load_lora(transformer, args.init, "student")
     for n, p in transformer.named_parameters():

@@ -41,7 +41,7 @@ def parse_args(argv=None):
 def validate(args):
     common.check_positive(batch_size=args.batch_size, steps=args.steps, max_steps=args.max_steps,
                           micro_batch=args.micro_batch, updates_per_step=args.updates_per_step,
-                          save_every=args.save_every)
+                          save_every=args.save_every, sample_batch=args.sample_batch)
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (the group advantage of one sample is undefined), got {args.group_size}")
     if not 0 < args.timestep_fraction <= 1:
@@ -62,11 +62,11 @@ def main(args):
     common.minibatches(local.stop - local.start, args.updates_per_step)  # fails early on a bad split
 
     # the policy: a LoRA on the frozen base; the KL reference is the same base with the adapter off
-    pipe = common.load_pipeline(args.model, d.device, common.weight_dtype(args.mixed_precision))
-    common.check_resolution(pipe, args.resolution)
+    pipe = common.load_stage_pipeline(args, d.device)
     transformer = pipe.transformer
     torch.manual_seed(args.seed)
-    transformer.add_adapter(common.lora_config(args.rank, args.alpha), "policy")
+    targets = common.lora_targets(args.lora_targets)
+    transformer.add_adapter(common.lora_config(args.rank, args.alpha, targets), "policy")
     params, optimizer, ema = common.make_optimizer(transformer, args)
     t = common.timesteps(args.steps, args.shift).to(d.device)
     train_steps = list(range(common.trained_steps(args)))
@@ -85,7 +85,8 @@ def main(args):
         t1 = time.time()
 
         # 2. rewards and group-relative advantages (group statistics over all ranks)   (GRPO)
-        rewards_local = common.score(reward_fns, common.decode(pipe, xs[:, -1]), mine).to(d.device)
+        images = common.decode(pipe, xs[:, -1], args.sample_batch)
+        rewards_local = common.score(reward_fns, images, mine).to(d.device)
         all_rewards = common.all_gather(rewards_local)
         advantages, keep = common.group_advantages(all_rewards, args.group_size, args.adv_clip)
         advantages, keep = advantages[local], keep[local]

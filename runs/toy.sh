@@ -28,7 +28,7 @@ if [ "$QUICK" = 1 ]; then
   WORLD=(--quick)
   GRPO=(--batch-size 2 --group-size 4 --max-steps 2 --sde-window trained)
   OPD=(--batch-size 2 --group-size 4 --max-steps 2)
-  SFT=(--max-prompts 8 --max-steps 4 --batch-size 8 --caption-dropout 0.1)
+  SFT=(--max-prompts 8 --max-steps 4 --batch-size 8 --caption-dropout 0.1 --sample-batch 16)
   EVAL=(--limit 8 --steps 10)
 else
   WORLD=()
@@ -46,11 +46,14 @@ else
   # OPD rewards no final image, so the window cannot change it (measured: bit-identical metrics).
   # 16 prompts per step: the GenEval teacher gained +0.068 +- 0.014 with 16 and +0.002 +- 0.015 with 8
   # (lr 2e-3 with 8: -0.061); the OCR teacher +0.039 +- 0.024 with 16, +0.084 +- 0.022 with 8 (README).
+  # --sample-batch: a step's whole batch sampled and decoded in one pass (SFT's teachers: 16 at a
+  # time), as this table was made: other chunk sizes need not give bit-identical floats on a CPU
   GRPO=(--batch-size 16 --group-size 8 --max-steps 40 --lr 1e-3 --updates-per-step 1 --timestep-fraction 0.5
-        --sde-window trained)
-  OPD=(--batch-size 8 --group-size 8 --max-steps 20 --lr 3e-3 --updates-per-step 1 --timestep-fraction 0.5)
+        --sde-window trained --sample-batch 128)
+  OPD=(--batch-size 8 --group-size 8 --max-steps 20 --lr 3e-3 --updates-per-step 1 --timestep-fraction 0.5
+       --sample-batch 64)
   # caption dropout 0.1: DeQA +0.057 +- 0.006 over none (paired); it still ends below the base (README)
-  SFT=(--max-prompts 96 --max-steps 150 --batch-size 16 --caption-dropout 0.1)
+  SFT=(--max-prompts 96 --max-steps 150 --batch-size 16 --caption-dropout 0.1 --sample-batch 16)
   EVAL=(--steps 20 --batch-size 64)
 fi
 COMMON=(--model "$OUT/base" --data-root "$OUT/data" --threads 1 --seed 0)

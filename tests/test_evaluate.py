@@ -268,40 +268,94 @@ def test_bad_input_names_the_problem(tiny_model, data_root, tmp_path, fakes):
 
 
 def dry_run(tmp_path, **env):
-    env = {"PATH": os.environ["PATH"], "OUT": str(tmp_path / "out"), "GENEVAL_URL": "http://localhost:1",
-           "DEQA_URL": "http://localhost:2", **env}
-    return subprocess.run(["bash", os.path.join(ROOT, "runs", "sd35m.sh"), "--dry-run"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=30)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "OUT": str(tmp_path / "out"), "GENEVAL_URL": "http://127.0.0.1:9",
+           "DEQA_URL": "http://127.0.0.1:9", **env}
+    return subprocess.run(["bash", os.path.join(ROOT, "runs", "sd35m.sh"), "--dry-run"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
 
-def test_sd35m_dry_run_checks_folders_and_prints_the_plan(tmp_path):
+@pytest.fixture
+def reward_servers():
+    """A GenEval and a DeQA reward server on free local ports, answering as the real ones:
+    ({variable: url}, {server: what it was sent})."""
+    import threading
+    import reward_server
+    seen = {}
+
+    def geneval(images, prompts, metadata):
+        seen["geneval"] = (images.shape, prompts, metadata)
+        n = len(images)
+        return {"reward": [0.5] * n, "correct": [True] * n, "tag": ["single_object"] * n}
+
+    def deqa(images, prompts, metadata):
+        seen["deqa"] = images.shape
+        return [0.8] * len(images)
+
+    servers = [reward_server.make_server(fn, port=0) for fn in (geneval, deqa)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+    urls = {name: f"http://127.0.0.1:{server.server_address[1]}"
+            for name, server in zip(("GENEVAL_URL", "DEQA_URL"), servers)}
+    yield urls, seen
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sd35m_dry_run_checks_folders_and_prints_the_plan(tmp_path, reward_servers):
     data = tmp_path / "dataset"
-    for task, files in [("geneval", ["train_metadata.jsonl", "test_metadata.jsonl"]), ("ocr", ["train.txt", "test.txt"]),
+    row = {"prompt": "a photo of a cat", "tag": "single_object"}
+    for task, files in [("geneval", ["train_metadata.jsonl", "test_metadata.jsonl"]),
+                        ("ocr", ["train.txt", "test.txt"]),
                         ("pickscore", ["train.txt", "test.txt"])]:
         os.makedirs(data / task)
         for name in files:
-            (data / task / name).write_text("a prompt\n")
-    deqa = tmp_path / "teacher-deqa"
-    os.makedirs(deqa)
-    (deqa / "pytorch_lora_weights.safetensors").write_text("")
-    ok = dry_run(tmp_path, DATA_ROOT=str(data), DEQA_TEACHER=str(deqa))
+            (data / task / name).write_text(json.dumps(row) + "\n")
+    folders = {}
+    for name, marker in [("model", "model_index.json"),
+                         ("teacher-deqa", "pytorch_lora_weights.safetensors"),
+                         ("geneval", "adapter_config.json"), ("ocr", "adapter_config.json"),
+                         ("pickscore", "adapter_config.json")]:
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / marker).write_text("{}")
+        folders[name] = str(tmp_path / name)
+    urls, seen = reward_servers
+    ready = dict(DATA_ROOT=str(data), MODEL=folders["model"], DEQA_TEACHER=folders["teacher-deqa"],
+                 GENEVAL_TEACHER=folders["geneval"], OCR_TEACHER=folders["ocr"],
+                 PICKSCORE_TEACHER=folders["pickscore"], CHECK_GPUS="0", **urls)
+    ok = dry_run(tmp_path, **ready)
     assert ok.returncode == 0, ok.stderr
     plan = ok.stdout
-    for expected in ["jieliu/SD3.5M-FlowGRPO-GenEval", "jieliu/SD3.5M-FlowGRPO-Text", "jieliu/SD3.5M-FlowGRPO-PickScore",
-                     "opd.py", "--init merge", "--mar 0.1", f"--mar-teacher {deqa}", "--nproc_per_node 8",
-                     "evaluate.py", "0.63", "21.64", "23.08", "0.90"]:
+    for expected in [folders["geneval"], folders["ocr"], folders["pickscore"], "opd.py",
+                     "--init merge", "--mar 0.1", f"--mar-teacher {folders['teacher-deqa']}",
+                     "--nproc_per_node 8", "--max-sequence-length 128", "evaluate.py", "0.63",
+                     "21.64", "23.08", "0.90"]:
         assert expected in plan, expected
+    assert plan.count("--max-sequence-length 128") == 4  # OPD and the three evaluations
+    assert seen["geneval"] == ((1, 512, 512, 3), [row["prompt"]], [row])  # one image each, as a run
+    assert seen["deqa"] == (1, 512, 512, 3)
     assert not (tmp_path / "out").exists()  # a dry run creates nothing
 
-    multi = dry_run(tmp_path, DATA_ROOT=str(data), DEQA_TEACHER=str(deqa), NNODES="2", MASTER_ADDR="node0")
-    assert multi.returncode == 0 and "--rdzv_endpoint node0:29500" in multi.stdout and "--nnodes 2" in multi.stdout
+    multi = dry_run(tmp_path, **ready, NNODES="2", MASTER_ADDR="node0")
+    assert multi.returncode == 0 and "--nnodes 2" in multi.stdout
+    assert "--rdzv_endpoint node0:29500" in multi.stdout
 
     bad = dry_run(tmp_path, DATA_ROOT=str(tmp_path / "nodata"), DEQA_TEACHER=str(tmp_path / "nodeqa"),
-                  OCR_TEACHER=str(tmp_path / "noocr"))
+                  OCR_TEACHER=str(tmp_path / "noocr"), NPROC_PER_NODE="999")
     assert bad.returncode != 0
-    for expected in ["nodata", "nodeqa", "teacher_grpo.py", "noocr"]:
-        assert expected in bad.stderr, expected
-
+    problems = bad.stderr.splitlines()
+    for expected in ["nodata", "nodeqa", "teacher_grpo.py", "noocr",
+                     "github.com/yifan123/flow_grpo",
+                     "GPU(s) on this node, the launch asks for 999",
+                     "MODEL: stabilityai/stable-diffusion-3.5-medium is not in the local cache and "
+                     "the hub cannot be reached",
+                     "GENEVAL_TEACHER: jieliu/SD3.5M-FlowGRPO-GenEval is not in the local cache",
+                     "GENEVAL_URL: reward server http://127.0.0.1:9 failed",
+                     "DEQA_URL: reward server"]:
+        assert any(expected in line for line in problems), expected  # every problem at once
+    assert "opd.py" not in bad.stdout
 
 
 def ddp_rank(rank, args, port):

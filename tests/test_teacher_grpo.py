@@ -77,7 +77,10 @@ def test_torchrun_two_processes_match_one(tiny_model, data_root, tmp_path):
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     for a, b in zip(one, two):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-5)
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-9)
+        # the surrogate is a cancellation (a group's advantages sum to 0) of terms A (rho - 1),
+        # rho - 1 ~1e-6 here: other batch shapes move it by a few 1e-9, 0.5 % of its value
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2, abs=1e-9)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4)
     la, _ = common.read_lora(str(tmp_path / "one" / "final"))
     lb, _ = common.read_lora(str(tmp_path / "two" / "final"))
     assert all(torch.allclose(la[k], lb[k], atol=1e-5) for k in la)

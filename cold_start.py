@@ -270,12 +270,12 @@ def init_sft(args):
     if dist.world_size > 1:
         device_ids = [dist.device] if dist.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    logger = common.MetricsLogger(args.out, enabled=dist.is_main, resume_step=start, report_to=report_to,
-                                  config=vars(args))
+    logger = common.MetricsLogger(args.out, enabled=dist.is_main, resume_step=start,
+                                  report_to=report_to, config=vars(args))
     per_rank = args.batch_size // dist.world_size
     train_shift = args.shift if args.train_shift is None else args.train_shift
-    bar = tqdm(range(start + 1, args.max_steps + 1), initial=start, total=args.max_steps, desc="SFT",
-               disable=not dist.is_main)
+    bar = tqdm(range(start + 1, args.max_steps + 1), initial=start, total=args.max_steps,
+               desc="SFT", disable=not dist.is_main)
     for step in bar:
         global_batch = batch_indices(step, args.batch_size, len(samples), args.seed)
         positions = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's share of it

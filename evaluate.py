@@ -25,16 +25,16 @@ Columns, on the paper's scale:
 Each score comes with its standard error over prompts (the images of one prompt are not independent).
 
 A model folder can name its own metrics in its flow_opd.json ("metrics": {column: reward spec},
-"metric_scales": {spec: factor to the column's scale}); the toy world names its analogues (toy.py) so:
-geneval = the strict `correct` of toy:reward_geneval, GenEval's rule over a shape detector, in [0, 1];
-ocr = toy:reward_ocr, the real OCR formula over a glyph reader, in [0, 1]; deqa = toy:reward_deqa,
-already on DeQA's 1-5 scale; pickscore = toy:reward_pickscore x 26 (its reward is in [0, 1], "like
-PickScore / 26"). So the Average's / 5 and / 26 apply unchanged, and on the toy world it is the mean of
-toy GenEval, toy OCR, toy DeQA / 5 and the toy PickScore reward. rewards.TABLE_SCALE holds the factors of
-the paper's rewards.
+"metric_scales": {spec: factor to the column's scale}); the toy world names its analogues so
+(toy.py): geneval = the strict `correct` of toy:reward_geneval, GenEval's rule over a shape
+detector, in [0, 1]; ocr = toy:reward_ocr, the real OCR formula over a glyph reader, in [0, 1];
+deqa = toy:reward_deqa, already on DeQA's 1-5 scale; pickscore = toy:reward_pickscore x 26 (its
+reward is in [0, 1], "like PickScore / 26"). So the Average's / 5 and / 26 apply unchanged, and on
+the toy world it is the mean of toy GenEval, toy OCR, toy DeQA / 5 and the toy PickScore reward.
+rewards.TABLE_SCALE holds the factors of the paper's rewards.
 
-`python evaluate.py --plot RUN_DIR... --out OUT` draws the curves of training runs (their metrics.jsonl)
-into OUT/curves.png, one panel per quantity and one line per run.
+`python evaluate.py --plot RUN_DIR... --out OUT` draws the curves of training runs (their
+metrics.jsonl) into OUT/curves.png, one panel per quantity and one line per run.
 """
 import argparse
 import fcntl
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="test")
     parser.add_argument("--metrics", default="", help="column=reward overrides, comma-separated, e.g. 'deqa=none'. "
                         "Defaults: geneval=geneval,ocr=ocr,pickscore=pickscore,deqa=deqa (servers: GENEVAL_URL, "
-                        "DEQA_URL), or the metrics the model folder's flow_opd.json names (the toy world's)")
+                        "DEQA_URL), or those the model folder's flow_opd.json names (the toy's)")
     parser.add_argument("--steps", type=int, default=40, help="ODE sampling steps (the paper's eval: 40)")
     parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale w in (CFG)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass, per process")
@@ -77,8 +77,8 @@ def parse_args(argv=None):
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                         help="print A - B, prompt by prompt, from two evaluated rows' caches in --out (no sampling)")
     parser.add_argument("--plot", nargs="+", metavar="RUN_DIR", default=None,
-                        help="draw the curves of training runs (their metrics.jsonl) into --out/curves.png "
-                             "(or --out itself when it ends in .png); needs matplotlib")
+                        help="draw the curves of training runs (their metrics.jsonl) into "
+                             "--out/curves.png (or --out, a .png); needs matplotlib")
     common.add_reward_server_args(parser)
     return parser.parse_args(argv)
 
@@ -297,20 +297,21 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- curves of training runs
+# ----------------------------------------------------------------------------- curves of runs
 
 def curve_keys(rows):
-    """The quantities worth a panel, in a fixed order: reward, losses, KLs, then the held-out metrics."""
+    """The quantities worth a panel, in order: reward, losses, KLs, then the held-out metrics."""
     keys = dict.fromkeys(k for row in rows for k in row)
     first = [k for k in ("reward_mean", "loss", "opd_loss", "kl", "mar_kl") if k in keys]
-    return first + sorted(k for k in keys if k.startswith("kl/")) + sorted(
-        k for k in keys if k.startswith("heldout/") and not k.endswith("_se") and k != "heldout/hacking")
+    heldout = [k for k in keys if k.startswith("heldout/") and not k.endswith("_se")]
+    return (first + sorted(k for k in keys if k.startswith("kl/"))
+            + sorted(k for k in heldout if k != "heldout/hacking"))
 
 
 def plot_runs(run_dirs, path):
-    """One PNG of the curves of training runs: a panel per quantity, a line per run; held-out metrics as
-    points with their standard error, a star at the step each run's best/ holds, a red x where the
-    hacking check fired."""
+    """One PNG of the curves of training runs: a panel per quantity, a line per run; held-out
+    metrics as points with their standard error, a star at the step each run's best/ holds, a red
+    x where the hacking check fired."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -321,8 +322,9 @@ def plot_runs(run_dirs, path):
     for run in run_dirs:
         file = os.path.join(run, "metrics.jsonl")
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"--plot {run!r}: no metrics.jsonl there; pass the --out folders of training runs")
-        rows = [row for _, row in read_cache_file(file)]  # a live run's half-written last line is left out
+            raise FileNotFoundError(f"--plot {run!r}: no metrics.jsonl there; pass the --out "
+                                    "folders of training runs")
+        rows = [row for _, row in read_cache_file(file)]  # a live run's half line is left out
         best_step = None
         if os.path.isfile(os.path.join(run, "best", "best.json")):
             with open(os.path.join(run, "best", "best.json")) as f:
@@ -330,27 +332,28 @@ def plot_runs(run_dirs, path):
         runs[os.path.basename(os.path.normpath(run)) or run] = (rows, best_step)
     keys = curve_keys([r for rows, _ in runs.values() for r in rows])
     if not keys:
-        raise ValueError("--plot: the runs' metrics.jsonl hold no reward, loss, KL or held-out values")
-    cols, rows = min(3, len(keys)), math.ceil(len(keys) / 3)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+        raise ValueError("--plot: the runs' metrics.jsonl hold no reward, loss, KL or held-out "
+                         "values")
+    ncols, nrows = min(3, len(keys)), math.ceil(len(keys) / 3)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for k, (name, (rows, best_step)) in enumerate(runs.items()):
             points = [r for r in rows if isinstance(r.get(key), (int, float))]
             if not points:
                 continue
             steps, values = [r["step"] + 1 for r in points], [r[key] for r in points]
-            color = f"C{k}"
-            if key.startswith("heldout/"):
-                errors = [r.get(key + "_se") or 0.0 for r in points]
-                ax.errorbar(steps, values, yerr=errors, color=color, marker="o", ms=3, capsize=2, label=name)
-                hacked = [(s, v) for s, v, r in zip(steps, values, points) if r.get("heldout/hacking")]
-                if hacked:
-                    ax.scatter(*zip(*hacked), color="red", marker="x", s=60, zorder=3)
-                if best_step is not None and best_step + 1 in steps:
-                    ax.scatter([best_step + 1], [values[steps.index(best_step + 1)]], color=color, marker="*",
-                               s=160, zorder=3)
-            else:
-                ax.plot(steps, values, color=color, lw=1, label=name)
+            if not key.startswith("heldout/"):
+                ax.plot(steps, values, color=f"C{k}", lw=1, label=name)
+                continue
+            errors = [r.get(key + "_se") or 0.0 for r in points]
+            ax.errorbar(steps, values, yerr=errors, color=f"C{k}", marker="o", ms=3, capsize=2,
+                        label=name)
+            hacked = [(s, v) for s, v, r in zip(steps, values, points) if r.get("heldout/hacking")]
+            if hacked:
+                ax.scatter(*zip(*hacked), color="red", marker="x", s=60, zorder=3)
+            if best_step is not None and best_step + 1 in steps:
+                ax.scatter([best_step + 1], [values[steps.index(best_step + 1)]], color=f"C{k}",
+                           marker="*", s=160, zorder=3)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)

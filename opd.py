@@ -92,7 +92,7 @@ def main(args):
     d = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     prompts = common.load_prompts(args.data_root, tasks)
     heldout = None
-    if args.eval_prompts:  # held-out metrics and best/: the same metrics as evaluate.py, loaded before any work
+    if args.eval_prompts:  # held-out metrics and best/, loaded before any work
         import rewards
         metrics = rewards.task_metrics(args.eval_metrics, tasks, common.model_defaults(args.model))
         heldout = common.HeldOut(args, common.load_prompts(args.data_root, tasks, "test"),
@@ -135,13 +135,15 @@ def main(args):
 
     start, checkpoint = common.resume_training(args, transformer, "student", optimizer, ema)
     os.makedirs(args.out, exist_ok=True)
-    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops rows past the checkpoint
-                                  report_to=common.parse_report_to(args.report_to), config=vars(args))
+    report_to = common.parse_report_to(args.report_to)
+    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops later rows
+                                  report_to=report_to, config=vars(args))
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
     if heldout:
         heldout.resume(start - 1, d.is_main)
 
-    bar = tqdm(range(start, args.max_steps), desc="OPD", disable=not d.is_main, initial=start, total=args.max_steps)
+    bar = tqdm(range(start, args.max_steps), desc="OPD", disable=not d.is_main, initial=start,
+               total=args.max_steps)
     for step in bar:
         t0 = time.time()
         # 2. on-policy SDE rollouts of the student; prompts and noise derive from (seed, step, sample index)
@@ -164,12 +166,14 @@ def main(args):
                "lr": optimizer.param_groups[0]["lr"], "step_time": t2 - t0, "rollout_time": t1 - t0,
                "train_time": t2 - t1}
         common.check_finite(total, "the loss", args.out)
-        hacking = heldout.update(pipe, step, row, "student", ema) if heldout else False  # adds heldout/* to row
+        hacking = heldout.update(pipe, step, row, "student", ema) if heldout else False  # heldout/*
         logger.log(row)
-        bar.set_postfix_str(common.step_summary(row, ["loss", *sorted(k for k in row if k.startswith("kl/")), "mar_kl",
-                                                      f"heldout/{args.select_by}"]), refresh=False)
+        shown = ["loss", *sorted(k for k in row if k.startswith("kl/")), "mar_kl",
+                 f"heldout/{args.select_by}"]
+        bar.set_postfix_str(common.step_summary(row, shown), refresh=False)
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
-            logger.log_image(step, "grid", common.save_eval_grid(pipe, eval_prompts, args, step, args.student_cfg))
+            grid = common.save_eval_grid(pipe, eval_prompts, args, step, args.student_cfg)
+            logger.log_image(step, "grid", grid)
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or hacking:
             common.save_checkpoint(args.out, step, transformer, "student", common.training_state(optimizer, ema))
         common.barrier()
@@ -185,7 +189,7 @@ def main(args):
 
 
 def opd_signal(row):
-    """OPD's training signal for the hacking check: its reward, minus the mean per-step KL to the teachers."""
+    """OPD's training signal for the hacking check: its reward, -(mean step KL to the teachers)."""
     return -float(np.mean([v for k, v in row.items() if k.startswith("kl/")]))
 
 

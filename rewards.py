@@ -1,7 +1,7 @@
 """Reward functions of Flow-GRPO / Flow-OPD, one small function each, selected by name.
 
     fn = rewards.load("ocr")                          # or "deqa:0.4,pickscore:0.6" (weighted sum)
-    fn = rewards.load("mymodule:my_reward")           # your function, imported from the working directory
+    fn = rewards.load("mymodule:my_reward")           # your function, in ./mymodule.py
     fn = rewards.load("url:http://host:8000")         # any server speaking the JSON protocol below
     r = fn(images, prompts, metadata=None)            # np.ndarray [B] of float, the training reward
     rows = fn.details(images, prompts, metadata)      # list of B dicts, for evaluate.py
@@ -334,7 +334,7 @@ def deqa(url=None, batch_size=16, timeout=120.0, attempts=3, backoff=1.0):
     return with_raw
 
 
-# name -> loader(**options) -> reward function f(images_uint8, prompts, metadata); register() adds to it
+# name -> loader(**options) -> reward function f(images_uint8, prompts, metadata); see register()
 REWARDS = {
     "ocr": lambda: ocr,
     "pickscore": pickscore,
@@ -347,14 +347,16 @@ SPEC_FORMS = ("expected a reward name, module:function, url:http://host:port, or
 
 
 def register(name, loader):
-    """Make `name` usable in reward specs: loader(**options) -> f(images_uint8 [B, H, W, 3], prompts,
-    metadata) returning B rewards or a dict of per-image columns with at least "reward"."""
+    """Make `name` usable in reward specs: loader(**options) -> f(images_uint8 [B, H, W, 3],
+    prompts, metadata) returning B rewards or a dict of per-image columns with at least "reward"."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", name) or name == "url":
-        raise ValueError(f"reward name {name!r}: use letters, digits, '_', '.' or '-' (no ':', ',' or '=')")
+        raise ValueError(f"reward name {name!r}: use letters, digits, '_', '.' or '-' "
+                         "(no ':', ',' or '=')")
     if name in REWARDS:
         raise ValueError(f"reward {name!r} is already registered")
     if not callable(loader):
-        raise TypeError(f"reward {name!r}: the loader must be callable, got {type(loader).__name__}")
+        raise TypeError(f"reward {name!r}: the loader must be callable, "
+                        f"got {type(loader).__name__}")
     REWARDS[name] = loader
 
 
@@ -366,7 +368,7 @@ def _number(text):
 
 
 def reward_loader(ref):
-    """One REF of a spec -> its loader: a registered name, module:function or url:http://host:port."""
+    """One REF of a spec -> its loader: a registered name, module:function or url:URL."""
     if ref in REWARDS:
         return REWARDS[ref]
     if ref.startswith("url:"):
@@ -389,18 +391,18 @@ def reward_loader(ref):
 def import_reward(module, function):
     """module.function, the module imported from the working directory or sys.path."""
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # `--reward mymodule:fn` finds mymodule.py where the user runs
+        sys.path.insert(0, os.getcwd())  # `--reward mymodule:fn` finds mymodule.py where one runs
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name is None or not module.startswith(e.name):
-            raise  # the module exists but one of its own imports is missing: its traceback says which
-        raise ValueError(f"reward '{module}:{function}': no module {module!r} in the working directory "
-                         f"({os.getcwd()}) or on sys.path") from None
+            raise  # the module exists but one of its own imports is missing: the traceback says
+        raise ValueError(f"reward '{module}:{function}': no module {module!r} in the working "
+                         f"directory ({os.getcwd()}) or on sys.path") from None
     fn = getattr(mod, function, None)
     if not callable(fn):
-        raise ValueError(f"reward '{module}:{function}': {getattr(mod, '__file__', module)} has no function "
-                         f"{function!r}")
+        raise ValueError(f"reward '{module}:{function}': {getattr(mod, '__file__', module)} has "
+                         f"no function {function!r}")
     return fn
 
 
@@ -411,8 +413,8 @@ def url_reward(url, batch_size=16, timeout=120.0, attempts=3, backoff=1.0):
     try:
         socket.create_connection((parsed.hostname, port), timeout=min(timeout, 10.0)).close()
     except OSError as e:
-        raise ValueError(f"reward server {url} cannot be reached ({e.__class__.__name__}: {e}); start it, "
-                         "or fix the url: in the reward spec") from None
+        raise ValueError(f"reward server {url} cannot be reached ({e.__class__.__name__}: {e}); "
+                         "start it, or fix the url: in the reward spec") from None
     return remote(url, batch_size, timeout, attempts, backoff)
 
 
@@ -425,9 +427,11 @@ def parse_spec(spec):
         weighted = name in REWARDS and _number(weight) is not None
         blend = [(name, _number(weight))] if weighted else [(parts[0], 1.0)]
     else:
-        blend = [(ref.strip(), _number(weight)) for ref, _, weight in (p.rpartition(":") for p in parts)]
+        blend = [(ref.strip(), _number(weight))
+                 for ref, _, weight in (p.rpartition(":") for p in parts)]
     refs = [ref for ref, _ in blend]
-    if any(not ref or w is None or not math.isfinite(w) for ref, w in blend) or len(set(refs)) < len(refs):
+    bad_weight = any(w is None or not math.isfinite(w) for _, w in blend)
+    if bad_weight or not all(refs) or len(set(refs)) < len(refs):
         raise ValueError(f"malformed reward spec {spec!r}: {SPEC_FORMS}")
     for ref in refs:
         reward_loader(ref)  # an unknown name or a malformed REF fails here, before anything loads
@@ -488,7 +492,7 @@ def _python(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-# ----------------------------------------------------------------------------- metrics (evaluate.py, held-out evals)
+# ----------------------------------------------------------------------------- metrics
 
 REAL_METRICS = {"geneval": "geneval", "ocr": "ocr", "pickscore": "pickscore", "deqa": "deqa"}
 # reward spec -> factor from its reward to its column's scale (the paper's); other specs: 1
@@ -498,13 +502,15 @@ AVERAGE_DIVISOR = {"geneval": 1.0, "ocr": 1.0, "deqa": 5.0, "pickscore": 26.0}
 
 
 def metric_specs(overrides, model_metrics=None):
-    """{column: reward spec}: the paper's metrics, or those the model folder names (its flow_opd.json
-    "metrics", how the toy world names its own), with 'column=spec' overrides; 'none' drops one."""
+    """{column: reward spec} of evaluate.py and the held-out evaluation: the paper's metrics, or
+    those the model folder names (its flow_opd.json "metrics", how the toy world names its own),
+    with 'column=spec' overrides; 'none' drops one."""
     specs = dict(model_metrics or REAL_METRICS)
     for item in (s.strip() for s in overrides.split(",") if s.strip()):
         column, sep, spec = item.partition("=")
         if not sep or not column or not spec:
-            raise ValueError(f"--metrics item {item!r}: expected column=reward (e.g. deqa=none or ocr=mymodule:ocr)")
+            raise ValueError(f"--metrics item {item!r}: expected column=reward "
+                             "(e.g. deqa=none or ocr=mymodule:ocr)")
         specs[column] = spec
     specs = {column: spec for column, spec in specs.items() if spec != "none"}
     for spec in specs.values():
@@ -588,9 +594,9 @@ def summarize(results):
 
 
 def evaluate_images(metrics, items, images):
-    """The table row (summarize) of images sampled for `items`, and their per-image results. The row
-    always has "average": the paper's Average when all four columns are scored, else the same mean of
-    column / divisor over the columns that are (a held-out evaluation of a run on some tasks)."""
+    """The table row (summarize) of images sampled for `items`, and their per-image results. The
+    row always has "average": the paper's Average when all four columns are scored, else the same
+    mean of column / divisor over the columns that are (a held-out evaluation of some tasks)."""
     results = [{"task": it.task, **r} for it, r in zip(items, score_items(metrics, items, images))]
     row = summarize(results)
     if "average" not in row:
@@ -599,14 +605,14 @@ def evaluate_images(metrics, items, images):
 
 
 def task_metrics(overrides, tasks, model_info=None, server=None):
-    """{column: metric} of a held-out evaluation during training on `tasks`: each task's metric and the
-    quality metric (deqa) on every image, chosen as evaluate.py chooses them (the model folder's
-    flow_opd.json, then the 'column=spec' overrides of --eval-metrics)."""
+    """{column: metric} of a held-out evaluation during training on `tasks`: each task's metric and
+    the quality metric (deqa) on every image, chosen as evaluate.py chooses them (the model
+    folder's flow_opd.json, then the 'column=spec' overrides of --eval-metrics)."""
     model_info = model_info or {}
     specs = metric_specs(overrides, model_info.get("metrics"))
     missing = [t for t in tasks if t not in specs]
     if missing:
-        raise ValueError(f"no held-out metric for task(s) {missing}: pass --eval-metrics {missing[0]}=REWARD "
-                         f"(the metrics are {sorted(specs)})")
+        raise ValueError(f"no held-out metric for task(s) {missing}: pass --eval-metrics "
+                         f"{missing[0]}=REWARD (the metrics are {sorted(specs)})")
     return {column: load_metric(spec, server, model_info.get("metric_scales"))
             for column, spec in specs.items() if column in tasks or column == "deqa"}

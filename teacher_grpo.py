@@ -59,8 +59,9 @@ def main(args):
     server = common.reward_server_options(args)
     reward_fns = {task: rewards.load(spec, server=server) for task, spec in common.parse_rewards(args.reward, tasks).items()}
     heldout = None
-    if args.eval_prompts:  # held-out metrics and best/: the same metrics as evaluate.py, loaded before any work
-        metrics = rewards.task_metrics(args.eval_metrics, tasks, common.model_defaults(args.model), server)
+    if args.eval_prompts:  # held-out metrics and best/, loaded before any work
+        model_info = common.model_defaults(args.model)
+        metrics = rewards.task_metrics(args.eval_metrics, tasks, model_info, server)
         heldout = common.HeldOut(args, common.load_prompts(args.data_root, tasks, "test"),
                                  functools.partial(rewards.evaluate_images, metrics), metrics,
                                  ("training reward", lambda row: row["reward_mean"]), args.cfg)
@@ -80,14 +81,16 @@ def main(args):
 
     start, checkpoint = common.resume_training(args, transformer, "policy", optimizer, ema)
     os.makedirs(args.out, exist_ok=True)
-    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops rows past the checkpoint
-                                  report_to=common.parse_report_to(args.report_to), config=vars(args))
+    report_to = common.parse_report_to(args.report_to)
+    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops later rows
+                                  report_to=report_to, config=vars(args))
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
     if heldout:
         heldout.resume(start - 1, d.is_main)
 
     began = time.time()
-    bar = tqdm(range(start, args.max_steps), desc="GRPO", disable=not d.is_main, initial=start, total=args.max_steps)
+    bar = tqdm(range(start, args.max_steps), desc="GRPO", disable=not d.is_main, initial=start,
+               total=args.max_steps)
     for step in bar:
         t0 = time.time()
         # 1. on-policy SDE rollouts: every sample's prompt and noise derive from (seed, step, sample index)
@@ -122,13 +125,16 @@ def main(args):
                "lr": optimizer.param_groups[0]["lr"], "step_time": t3 - t0, "rollout_time": t1 - t0,
                "reward_time": t2 - t1, "train_time": t3 - t2}
         common.check_finite(row["loss"], "the loss", args.out)
-        hacking = heldout.update(pipe, step, row, "policy", ema) if heldout else False  # adds heldout/* to row
+        hacking = heldout.update(pipe, step, row, "policy", ema) if heldout else False  # heldout/*
         logger.log(row)
-        bar.set_postfix_str(common.step_summary(row, ("reward_mean", "kl", f"heldout/{args.select_by}")), refresh=False)
+        shown = ("reward_mean", "kl", f"heldout/{args.select_by}")
+        bar.set_postfix_str(common.step_summary(row, shown), refresh=False)
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
-            logger.log_image(step, "grid", common.save_eval_grid(pipe, eval_prompts, args, step, args.cfg))
+            grid = common.save_eval_grid(pipe, eval_prompts, args, step, args.cfg)
+            logger.log_image(step, "grid", grid)
         out_of_time = args.max_minutes is not None and common.all_mean(time.time() - began, d.device) > 60 * args.max_minutes
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or out_of_time or hacking:
+        last = step + 1 == args.max_steps or out_of_time or hacking
+        if (step + 1) % args.save_every == 0 or last:
             common.save_checkpoint(args.out, step, transformer, "policy", common.training_state(optimizer, ema))
         common.barrier()
         if out_of_time or hacking:

@@ -34,8 +34,8 @@ OCR need small, sharp, flat-coloured parts where PickScore pays for one big text
 The pipeline is a real diffusers StableDiffusion3Pipeline folder: SD3Transformer2DModel (patch 4 on
 pixels), two tiny frozen random CLIP text encoders with a BPE tokenizer trained here on the toy
 vocabulary, no T5, and an AutoencoderKL whose hand-set weights make it an exact identity (pixel space).
-<out>/base/flow_opd.json tells the stages its resolution, max_sequence_length = 1 and, for evaluate.py
-and the held-out evaluation during training, its metrics (toy:reward_*) and their table scales.
+<out>/base/flow_opd.json tells the stages its resolution, max_sequence_length = 1 and, for
+evaluate.py and the held-out evaluation during training, its metrics (toy:reward_*) and scales.
 """
 import argparse
 import hashlib
@@ -387,13 +387,14 @@ def geneval_details(images, prompts, metadata):
 
 
 def reward_geneval(images, prompts, metadata):
-    """The GenEval reward server's columns: "reward" = Flow-GRPO's training reward (partial credit in
-    [0, 1]), "correct" = GenEval's strict criterion, "tag"; needs the metadata rows."""
+    """The GenEval reward server's columns: "reward" = Flow-GRPO's training reward (partial credit
+    in [0, 1]), "correct" = GenEval's strict criterion, "tag"; needs the metadata rows."""
     if metadata is None or any(not m or "include" not in m for m in metadata):
-        raise ValueError("toy:reward_geneval needs GenEval metadata rows (with 'include') for every prompt")
+        raise ValueError("toy:reward_geneval needs GenEval metadata rows (with 'include') for "
+                         "every prompt")
     details = geneval_details(images, prompts, metadata)
-    return {"reward": np.array([d["reward"] for d in details]), "correct": [d["correct"] for d in details],
-            "tag": [d["tag"] for d in details]}
+    return {"reward": np.array([d["reward"] for d in details]),
+            "correct": [d["correct"] for d in details], "tag": [d["tag"] for d in details]}
 
 
 # ----------------------------------------------------------------------------- OCR
@@ -534,10 +535,10 @@ def reward_deqa(images, prompts=None, metadata=None):
 
 TOY_REWARDS = {"geneval": lambda *batch: reward_geneval(*batch)["reward"], "ocr": reward_ocr,
                "pickscore": reward_pickscore}  # each task's reward as an array [B]
-# what evaluate.py and the held-out evaluation score each column with (flow_opd.json), and the factor
-# from a reward to its column's scale: the toy PickScore is in [0, 1], like PickScore / 26
-METRICS = {"geneval": "toy:reward_geneval", "ocr": "toy:reward_ocr", "pickscore": "toy:reward_pickscore",
-           "deqa": "toy:reward_deqa"}
+# what evaluate.py and the held-out evaluation score each column with (flow_opd.json), and the
+# factor from a reward to its column's scale: the toy PickScore is in [0, 1], like PickScore / 26
+METRICS = {"geneval": "toy:reward_geneval", "ocr": "toy:reward_ocr",
+           "pickscore": "toy:reward_pickscore", "deqa": "toy:reward_deqa"}
 METRIC_SCALES = {"toy:reward_pickscore": 26.0}
 
 

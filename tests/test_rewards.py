@@ -53,15 +53,16 @@ def test_as_uint8_accepts_pil_uint8_and_float_tensor():
 
 
 def test_unknown_reward_lists_known_names():
-    with pytest.raises(ValueError, match=r"known rewards: ocr, pickscore, geneval, deqa, jpeg \(or module:function"):
+    known = r"known rewards: ocr, pickscore, geneval, deqa, jpeg \(or module:function"
+    with pytest.raises(ValueError, match=known):
         rewards.load("aesthetic")
     with pytest.raises(ValueError, match="unknown reward 'pickscor'"):
         rewards.load("deqa:0.4,pickscor:0.6")
 
 
 @pytest.mark.parametrize("spec", ["", "deqa:0.4,", "deqa:x,pickscore:0.6", "deqa:0.4;pickscore:0.6",
-                                  "deqa,pickscore", "jpeg:1,jpeg:2", ":0.5", "jpeg:nan", "jpeg:x", "url:ftp://h:1",
-                                  "my mod:fn", "mod:fn:0.5:x"])
+                                  "deqa,pickscore", "jpeg:1,jpeg:2", ":0.5", "jpeg:nan", "jpeg:x",
+                                  "url:ftp://h:1", "my mod:fn", "mod:fn:0.5:x"])
 def test_malformed_blend_says_expected_form(spec):
     with pytest.raises(ValueError, match="REF:weight,REF:weight|url:http://host:port"):
         rewards.load(spec)
@@ -75,7 +76,8 @@ def test_malformed_blend_says_expected_form(spec):
     ("url:http://h:8000", [("url:http://h:8000", 1.0)]),  # the port is not a weight
     ("url:http://h:8000/score?v=1", [("url:http://h:8000/score?v=1", 1.0)]),
     ("deqa:0.4, pickscore:0.6", [("deqa", 0.4), ("pickscore", 0.6)]),
-    ("toy:reward_deqa:0.08,toy:reward_pickscore:0.6", [("toy:reward_deqa", 0.08), ("toy:reward_pickscore", 0.6)]),
+    ("toy:reward_deqa:0.08,toy:reward_pickscore:0.6",
+     [("toy:reward_deqa", 0.08), ("toy:reward_pickscore", 0.6)]),
     ("url:http://h:8000:0.5,mymod:fn:-1e-3", [("url:http://h:8000", 0.5), ("mymod:fn", -0.001)]),
 ])
 def test_spec_is_one_ref_or_a_blend_split_at_the_last_colon(spec, blend):
@@ -84,7 +86,8 @@ def test_spec_is_one_ref_or_a_blend_split_at_the_last_colon(spec, blend):
 
 MODULE = '''import numpy as np
 def red(images, prompts, metadata):
-    return {"reward": images[..., 0].mean(axis=(1, 2)) / 255, "prompt_length": [len(p) for p in prompts]}
+    return {"reward": images[..., 0].mean(axis=(1, 2)) / 255,
+            "prompt_length": [len(p) for p in prompts]}
 def blue(images, prompts, metadata):
     return images[..., 2].mean(axis=(1, 2)) / 255
 '''
@@ -93,13 +96,15 @@ def blue(images, prompts, metadata):
 def test_a_function_in_the_working_directory_is_a_reward(tmp_path, monkeypatch):
     (tmp_path / "my_colour_rewards.py").write_text(MODULE)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     images, prompts = random_images(3), ["a", "bb", "ccc"]
     red, blue = images[..., 0].mean(axis=(1, 2)) / 255, images[..., 2].mean(axis=(1, 2)) / 255
     np.testing.assert_allclose(rewards.load("my_colour_rewards:red")(images, prompts), red)
-    assert [r["prompt_length"] for r in rewards.load("my_colour_rewards:red").details(images, prompts)] == [1, 2, 3]
+    rows = rewards.load("my_colour_rewards:red").details(images, prompts)
+    assert [r["prompt_length"] for r in rows] == [1, 2, 3]
     blend = rewards.load("my_colour_rewards:red:0.25,my_colour_rewards:blue:0.75,jpeg:1")
-    np.testing.assert_allclose(blend(images, prompts), 0.25 * red + 0.75 * blue + rewards.load("jpeg")(images, prompts))
+    jpeg = rewards.load("jpeg")(images, prompts)
+    np.testing.assert_allclose(blend(images, prompts), 0.25 * red + 0.75 * blue + jpeg)
     with pytest.raises(ValueError, match="no module 'not_there' in the working directory"):
         rewards.load("not_there:red")
     with pytest.raises(ValueError, match=r"my_colour_rewards.py has no function 'green'"):
@@ -108,7 +113,10 @@ def test_a_function_in_the_working_directory_is_a_reward(tmp_path, monkeypatch):
 
 def test_register_names_a_reward(monkeypatch):
     monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))
-    rewards.register("mean_green", lambda scale=1.0: lambda images, prompts, metadata: scale * images[..., 1].mean(axis=(1, 2)))
+    def green(scale=1.0):
+        return lambda images, prompts, metadata: scale * images[..., 1].mean(axis=(1, 2))
+
+    rewards.register("mean_green", green)
     images = random_images(2)
     np.testing.assert_allclose(rewards.load("mean_green:3", scale=2.0)(images, ["a", "b"]),
                                6.0 * images[..., 1].mean(axis=(1, 2)))
@@ -163,7 +171,8 @@ def test_toy_rewards_load_by_module_and_rewards_does_not_import_toy():
     code = "import sys, rewards; assert 'toy' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=Path(rewards.__file__).parent, check=True)
     images = random_images(2)
-    np.testing.assert_array_equal(rewards.load("toy:reward_deqa")(images, ["a", "b"]), toy.reward_deqa(images))
+    by_spec = rewards.load("toy:reward_deqa")(images, ["a", "b"])
+    np.testing.assert_array_equal(by_spec, toy.reward_deqa(images))
 
 
 def test_jpeg_is_negative_file_size_in_kb_over_500(tmp_path):

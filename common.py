@@ -1471,14 +1471,18 @@ def cli(main, parse_args):
 
 def quiet_libraries():
     """Silence start-up noise known to be harmless on the command line: transformers' notices that
-    it uses the PIL image processors (no torchvision), peft's warning that a model holds several
-    adapters (teachers, anchor and student share one base on purpose), the loading bars of
+    it uses the PIL image processors (no torchvision), diffusers' notes that a pipeline without T5
+    saves no text_encoder_3 (the toy world), peft's warning that a model holds several adapters
+    (teachers, anchor and student share one base on purpose), the loading and saving bars of
     diffusers and transformers."""
     import logging
     import warnings
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    no_t5 = ("self.text_encoder_3=None", "self.tokenizer_3=None")
+    logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
+        lambda record: not str(record.msg).startswith(no_t5))
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute",
                             category=UserWarning)
     diffusers_logging.disable_progress_bar()

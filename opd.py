@@ -166,7 +166,7 @@ def main(args):
                "lr": optimizer.param_groups[0]["lr"], "step_time": t2 - t0, "rollout_time": t1 - t0,
                "train_time": t2 - t1}
         common.check_finite(total, "the loss", args.out)
-        hacking = heldout.update(pipe, step, row, "student", ema) if heldout else False  # heldout/*
+        stop = heldout.update(pipe, step, row, "student", ema) if heldout else False  # heldout/*
         logger.log(row)
         shown = ["loss", *sorted(k for k in row if k.startswith("kl/")), "mar_kl",
                  f"heldout/{args.select_by}"]
@@ -174,10 +174,10 @@ def main(args):
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
             grid = common.save_eval_grid(pipe, eval_prompts, args, step, args.student_cfg)
             logger.log_image(step, "grid", grid)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or hacking:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
             common.save_checkpoint(args.out, step, transformer, "student", common.training_state(optimizer, ema))
         common.barrier()
-        if hacking:
+        if stop:
             break
 
     if d.is_main:

@@ -125,7 +125,7 @@ def main(args):
                "lr": optimizer.param_groups[0]["lr"], "step_time": t3 - t0, "rollout_time": t1 - t0,
                "reward_time": t2 - t1, "train_time": t3 - t2}
         common.check_finite(row["loss"], "the loss", args.out)
-        hacking = heldout.update(pipe, step, row, "policy", ema) if heldout else False  # heldout/*
+        stop = heldout.update(pipe, step, row, "policy", ema) if heldout else False  # heldout/*
         logger.log(row)
         shown = ("reward_mean", "kl", f"heldout/{args.select_by}")
         bar.set_postfix_str(common.step_summary(row, shown), refresh=False)
@@ -133,11 +133,10 @@ def main(args):
             grid = common.save_eval_grid(pipe, eval_prompts, args, step, args.cfg)
             logger.log_image(step, "grid", grid)
         out_of_time = args.max_minutes is not None and common.all_mean(time.time() - began, d.device) > 60 * args.max_minutes
-        last = step + 1 == args.max_steps or out_of_time or hacking
-        if (step + 1) % args.save_every == 0 or last:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or out_of_time or stop:
             common.save_checkpoint(args.out, step, transformer, "policy", common.training_state(optimizer, ema))
         common.barrier()
-        if out_of_time or hacking:
+        if out_of_time or stop:
             break
 
     if d.is_main:

@@ -892,4 +892,5 @@ def print_table(world):
 
 
 if __name__ == "__main__":
+    common.quiet_libraries()
     main(parse_args())

@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import torch.distributed as dist
 
 import common
@@ -309,9 +310,9 @@ def curve_keys(rows):
 
 
 def plot_runs(run_dirs, path):
-    """One PNG of the curves of training runs: a panel per quantity, a line per run; held-out
-    metrics as points with their standard error, a star at the step each run's best/ holds, a red
-    x where the hacking check fired."""
+    """One PNG of the curves of training runs: a panel per quantity, a line per run (faint: each
+    step, solid: the mean of the last 5); held-out metrics as points with their standard error, a
+    star at the step each run's best/ holds, a red x where the hacking check fired."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -342,8 +343,11 @@ def plot_runs(run_dirs, path):
             if not points:
                 continue
             steps, values = [r["step"] + 1 for r in points], [r[key] for r in points]
-            if not key.startswith("heldout/"):
-                ax.plot(steps, values, color=f"C{k}", lw=1, label=name)
+            if not key.startswith("heldout/"):  # noisy per step: faint, with a 5-step running mean
+                running = [float(np.mean(values[max(0, i - 4):i + 1])) for i in range(len(values))]
+                ax.plot(steps, values, color=f"C{k}", lw=0.8, alpha=0.35)
+                marker = "." if len(steps) < 30 else None  # a short run stays visible
+                ax.plot(steps, running, color=f"C{k}", lw=1.5, marker=marker, label=name)
                 continue
             errors = [r.get(key + "_se") or 0.0 for r in points]
             ax.errorbar(steps, values, yerr=errors, color=f"C{k}", marker="o", ms=3, capsize=2,

@@ -311,8 +311,9 @@ def curve_keys(rows):
 
 def plot_runs(run_dirs, path):
     """One PNG of the curves of training runs: a panel per quantity, a line per run (faint: each
-    step, solid: the mean of the last 5); held-out metrics as points with their standard error, a
-    star at the step each run's best/ holds, a red x where the hacking check fired."""
+    step, solid: the mean of the last 5; log scale when they span over 100x); held-out metrics as
+    points with their standard error, a star at the step each run's best/ holds, a red x where the
+    hacking check fired."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -358,6 +359,10 @@ def plot_runs(run_dirs, path):
             if best_step is not None and best_step + 1 in steps:
                 ax.scatter([best_step + 1], [values[steps.index(best_step + 1)]], color=f"C{k}",
                            marker="*", s=160, zorder=3)
+        drawn = [v for line in ax.get_lines() for v in line.get_ydata()]
+        positive = [v for v in drawn if v > 0]
+        if positive and min(drawn) >= 0 and max(positive) > 100 * min(positive):  # unlike scales
+            ax.set_yscale("log", nonpositive="mask")
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)

@@ -343,7 +343,7 @@ def plot_runs(run_dirs, path):
             points = [r for r in rows if isinstance(r.get(key), (int, float))]
             if not points:
                 continue
-            steps, values = [r["step"] + 1 for r in points], [r[key] for r in points]
+            steps, values = [r["step"] for r in points], [r[key] for r in points]
             if not key.startswith("heldout/"):  # noisy per step: faint, with a 5-step running mean
                 running = [float(np.mean(values[max(0, i - 4):i + 1])) for i in range(len(values))]
                 ax.plot(steps, values, color=f"C{k}", lw=0.8, alpha=0.35)
@@ -356,8 +356,8 @@ def plot_runs(run_dirs, path):
             hacked = [(s, v) for s, v, r in zip(steps, values, points) if r.get("heldout/hacking")]
             if hacked:
                 ax.scatter(*zip(*hacked), color="red", marker="x", s=60, zorder=3)
-            if best_step is not None and best_step + 1 in steps:
-                ax.scatter([best_step + 1], [values[steps.index(best_step + 1)]], color=f"C{k}",
+            if best_step in steps:
+                ax.scatter([best_step], [values[steps.index(best_step)]], color=f"C{k}",
                            marker="*", s=160, zorder=3)
         drawn = [v for line in ax.get_lines() for v in line.get_ydata()]
         positive = [v for v in drawn if v > 0]

@@ -271,7 +271,7 @@ def init_sft(args):
         device_ids = [dist.device] if dist.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     logger = common.MetricsLogger(args.out, enabled=dist.is_main, resume_step=start,
-                                  report_to=report_to, config=vars(args))
+                                  report_to=report_to, config=vars(args), resumed=bool(checkpoint))
     per_rank = args.batch_size // dist.world_size
     train_shift = args.shift if args.train_shift is None else args.train_shift
     bar = tqdm(range(start + 1, args.max_steps + 1), initial=start, total=args.max_steps,

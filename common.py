@@ -644,10 +644,11 @@ def all_mean(value, device):
 class MetricsLogger:
     """Rank 0 appends one JSON object per step to <out>/metrics.jsonl; on resume, rows past the
     checkpoint's step are dropped so the file reads like one uninterrupted run. report_to: loggers
-    (parse_report_to) that get every numeric value of each row, and the images of log_image."""
+    (parse_report_to) that get every numeric value of each row, and the images of log_image;
+    resumed: whether the run continues from a checkpoint (wandb then continues the same run)."""
 
     def __init__(self, out_dir, enabled=True, resume_step=None, report_to=(), config=None,
-                 file="metrics.jsonl"):
+                 file="metrics.jsonl", resumed=False):
         self.path, self.enabled = os.path.join(out_dir, file), enabled
         if enabled and resume_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
@@ -657,7 +658,8 @@ class MetricsLogger:
             os.replace(self.path + ".tmp", self.path)
         reporters = {"tensorboard": TensorBoardReporter, "wandb": WandbReporter}
         report_to = report_to if enabled else []
-        self.reporters = [reporters[name](out_dir, resume_step, config) for name in report_to]
+        self.reporters = [reporters[name](out_dir, resume_step, resumed, config)
+                          for name in report_to]
 
     def log(self, row):
         if self.enabled:
@@ -681,12 +683,13 @@ class MetricsLogger:
 class TensorBoardReporter:
     """--report-to tensorboard: event files in <out>/tensorboard (`tensorboard --logdir <out>`)."""
 
-    def __init__(self, out_dir, resume_step=None, config=None):
+    def __init__(self, out_dir, resume_step=None, resumed=False, config=None):
         from torch.utils.tensorboard import SummaryWriter
-        # purge_step: on resume, events past the checkpoint are dropped, like metrics.jsonl's rows
+        # purge_step: events past the checkpoint (all, on a fresh start) are dropped, like the rows
+        # of metrics.jsonl
         self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"),
                                     purge_step=None if resume_step is None else resume_step + 1)
-        if config and resume_step is None:
+        if config and not resumed:
             text = "\n".join(f"    {k} = {v}" for k, v in config.items())  # markdown: a code block
             self.writer.add_text("config", text, 0)
 
@@ -710,11 +713,11 @@ class WandbReporter:
     offline with WANDB_MODE=offline); --resume continues the same run, whose id <out>/wandb-run-id
     keeps."""
 
-    def __init__(self, out_dir, resume_step=None, config=None):
+    def __init__(self, out_dir, resume_step=None, resumed=False, config=None):
         import uuid
         import wandb
         id_file = os.path.join(out_dir, "wandb-run-id")
-        if resume_step is not None and os.path.isfile(id_file):
+        if resumed and os.path.isfile(id_file):
             with open(id_file) as f:
                 run_id = f.read().strip()
         else:

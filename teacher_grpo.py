@@ -83,7 +83,7 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     report_to = common.parse_report_to(args.report_to)
     logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops later rows
-                                  report_to=report_to, config=vars(args))
+                                  report_to=report_to, config=vars(args), resumed=bool(checkpoint))
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
     if heldout:
         heldout.resume(start - 1, d.is_main)

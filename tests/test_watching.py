@@ -118,6 +118,13 @@ def test_tensorboard_and_wandb_get_every_step_and_a_resume_continues_the_run(
     images = [h["_step"] for h in history if h.get("grid/_type") == "image-file"]
     assert images == [0, 1, 2]
 
+    grpo(tiny_model, world, tmp_path, *flags, "--max-steps", "1")  # a fresh run into the folder
+    assert [r["step"] for r in rows(tmp_path / "metrics.jsonl")] == [0]
+    assert len(wandb_history(tmp_path)) == 2  # a new W&B run
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("loss")] == [0]  # the old run's events are purged
+
 
 def test_heldout_metrics_are_evaluate_pys_numbers_and_best_is_the_best_evaluation(
         tiny_model, world, tmp_path, fakes, capsys):

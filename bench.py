@@ -219,7 +219,7 @@ def run_one(args):
         transformer.add_adapter(common.lora_config(args.rank, 2 * args.rank), "policy")
         params = trainable(transformer)
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-        reward_fns = {task: rewards.load(args.reward or f"toy_{task}") for task in TASKS}
+        reward_fns = {task: rewards.load(args.reward or f"toy:reward_{task}") for task in TASKS}
         train_steps = list(range(common.trained_steps(stage)))
         meter.attach(transformer)
         warm_up(pipe, prompts, max_seq, resolution, d.device)

@@ -52,7 +52,7 @@ def parse_args(argv=None):
                    help="draw N teacher samples for each kept one and keep the best by --reward")
     p.add_argument("--reward", default=None,
                    help="the reward --best-of ranks by, as in teacher_grpo.py: one for every task ('ocr', "
-                        "'deqa:0.4,pickscore:0.6') or per task ('geneval=toy_geneval;ocr=toy_ocr'); "
+                        "'deqa:0.4,pickscore:0.6') or per task ('geneval=toy:reward_geneval;ocr=toy:reward_ocr'); "
                         "default: each task's reward named like the task")
     p.add_argument("--steps", type=int, default=40, help="teacher sampling steps (the eval setting)")
     p.add_argument("--cfg", type=float, default=4.5, help="teacher guidance scale w in (CFG)")
@@ -69,6 +69,7 @@ def parse_args(argv=None):
                    help="share of samples trained with the empty prompt, i.e. the unconditional branch of (CFG)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks together)")
     common.add_reward_server_args(p)
+    common.add_report_args(p)
     return p.parse_args(argv)
 
 
@@ -118,6 +119,7 @@ def init_sft(args):
         raise ValueError("--weights and --merge-rank only apply to --init merge")
     common.check_ema(args.ema)
     targets = common.lora_targets(args.lora_targets)
+    report_to = common.parse_report_to(args.report_to)
     if not 0 <= args.caption_dropout <= 1:
         raise ValueError(f"--caption-dropout {args.caption_dropout} is a share of samples: give a number in [0, 1]")
 
@@ -177,11 +179,13 @@ def init_sft(args):
     start = next_step - 1 if checkpoint else 0  # the last step done; this loop counts steps from 1
     if checkpoint and dist.is_main:
         print(f"resumed from {checkpoint} at step {start}")
-    logger = common.MetricsLogger(args.out, enabled=dist.is_main, resume_step=start)
+    logger = common.MetricsLogger(args.out, enabled=dist.is_main, resume_step=start,
+                                  report_to=report_to, config=vars(args), resumed=bool(checkpoint))
     per_rank = args.batch_size // dist.world_size
     train_shift = args.shift if args.train_shift is None else args.train_shift
-    for step in tqdm(range(start + 1, args.max_steps + 1), initial=start, total=args.max_steps, desc="sft",
-                     disable=not dist.is_main):
+    bar = tqdm(range(start + 1, args.max_steps + 1), initial=start, total=args.max_steps,
+               desc="SFT", disable=not dist.is_main)
+    for step in bar:
         global_batch = batch_indices(step, args.batch_size, len(samples), args.seed)
         positions = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's share of it
         batch = [samples[global_batch[p]] for p in positions]
@@ -211,13 +215,15 @@ def init_sft(args):
         loss = common.all_mean(loss.item(), dist.device)
         common.check_finite(loss, "flow matching loss", args.out)
         logger.log({"step": step, "loss": loss, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]})
+        bar.set_postfix_str(f"loss={loss:.4g}", refresh=False)
         if step % args.save_every == 0 or step == args.max_steps:
             common.save_checkpoint(args.out, step, transformer, "student", common.training_state(optimizer, ema))
 
     # 4. the student init, a LoRA folder for pipe.load_lora_weights and opd.py --init
     if dist.is_main:
         common.save_final(transformer, "student", args.out, ema)
-        print(f"student LoRA -> {os.path.join(args.out, 'final')}")
+        logger.close()
+        common.print_outputs(args.out)
     common.cleanup_distributed()
 
 

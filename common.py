@@ -9,14 +9,17 @@ v = eps - x_0, sampling runs t = 1 -> 0, dt = t_next - t < 0.
 import contextlib
 import datetime
 import io
+import importlib.util
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import time
+import zlib
 from collections import namedtuple
 
 import numpy as np
@@ -35,6 +38,8 @@ Rollout = namedtuple("Rollout", "xs log_probs")
 Prompt = namedtuple("Prompt", "text task metadata")
 Dist = namedtuple("Dist", "rank world_size local_rank device is_main")
 RANK_ERROR_DELAY = 5.0  # seconds a rank other than 0 waits before it reports bad input (cli)
+EvalItem = namedtuple("EvalItem", "task i j prompt")
+MAX_IMAGES_PER_PROMPT = 10_000  # evaluation noise id of (prompt i, image j) = i * MAX + j
 
 
 # ----------------------------------------------------------------------------- schedule and sampler
@@ -741,21 +746,100 @@ def all_mean(value, device):
 
 class MetricsLogger:
     """Rank 0 appends one JSON object per step to <out>/metrics.jsonl; on resume, rows past the
-    checkpoint's step are dropped so the file reads like one uninterrupted run."""
+    checkpoint's step are dropped so the file reads like one uninterrupted run. report_to: loggers
+    (parse_report_to) that get every numeric value of each row, and the images of log_image;
+    resumed: whether the run continues from a checkpoint (wandb then continues the same run)."""
 
-    def __init__(self, out_dir, enabled=True, resume_step=None):
-        self.path, self.enabled = os.path.join(out_dir, "metrics.jsonl"), enabled
+    def __init__(self, out_dir, enabled=True, resume_step=None, report_to=(), config=None,
+                 file="metrics.jsonl", resumed=False):
+        self.path, self.enabled = os.path.join(out_dir, file), enabled
         if enabled and resume_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
                 rows = [row for row in map(_json_or_none, f) if row is not None and row.get("step", 0) <= resume_step]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
             os.replace(self.path + ".tmp", self.path)
+        reporters = {"tensorboard": TensorBoardReporter, "wandb": WandbReporter}
+        report_to = report_to if enabled else []
+        self.reporters = [reporters[name](out_dir, resume_step, resumed, config)
+                          for name in report_to]
 
     def log(self, row):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            scalars = {k: v for k, v in row.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for reporter in self.reporters:
+                reporter.scalars(row["step"], scalars)
+
+    def log_image(self, step, tag, path):
+        """A PNG the run wrote (an eval grid) to the loggers, at the step's number."""
+        for reporter in self.reporters:
+            reporter.image(step, tag, path)
+
+    def close(self):
+        for reporter in self.reporters:
+            reporter.close()
+
+
+class TensorBoardReporter:
+    """--report-to tensorboard: event files in <out>/tensorboard (`tensorboard --logdir <out>`)."""
+
+    def __init__(self, out_dir, resume_step=None, resumed=False, config=None):
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step: events past the checkpoint (all, on a fresh start) are dropped, like the rows
+        # of metrics.jsonl
+        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        if config and not resumed:
+            text = "\n".join(f"    {k} = {v}" for k, v in config.items())  # markdown: a code block
+            self.writer.add_text("config", text, 0)
+
+    def scalars(self, step, values):
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # a killed run keeps every step it logged
+
+    def image(self, step, tag, path):
+        from PIL import Image
+        image = np.asarray(Image.open(path).convert("RGB"))
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbReporter:
+    """--report-to wandb: a W&B run named after --out (project: $WANDB_PROJECT, else flow-opd;
+    offline with WANDB_MODE=offline); --resume continues the same run, whose id <out>/wandb-run-id
+    keeps."""
+
+    def __init__(self, out_dir, resume_step=None, resumed=False, config=None):
+        import uuid
+        import wandb
+        id_file = os.path.join(out_dir, "wandb-run-id")
+        if resumed and os.path.isfile(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:8]
+            with open(id_file, "w") as f:
+                f.write(run_id)
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "flow-opd"), id=run_id,
+                              resume="allow", name=os.path.basename(os.path.abspath(out_dir)),
+                              dir=out_dir, config=config)
+
+    def scalars(self, step, values):
+        self.run.log(values, step=step)
+
+    def image(self, step, tag, path):
+        self.run.log({tag: self.wandb.Image(path)}, step=step)
+
+    def close(self):
+        self.run.finish()
 
 
 def _json_or_none(line):
@@ -1074,6 +1158,39 @@ def add_optimizer_args(parser):
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
     parser.add_argument("--ema", type=float, default=None,
                         help="decay of an exponential moving average of the LoRA, written as the final LoRA (off: none)")
+    parser.add_argument("--eval-prompts", type=int, default=0,
+                        help="held-out metrics every --eval-every steps on the first K test "
+                             "prompts of each task, and <out>/best/ (0: grids only)")
+    parser.add_argument("--eval-steps", type=int, default=40,
+                        help="ODE steps of the held-out evaluation")
+    parser.add_argument("--eval-metrics", default="",
+                        help="column=reward overrides of the held-out metrics, as in evaluate.py")
+    parser.add_argument("--select-by", default="average",
+                        help="held-out metric that picks <out>/best/: average (the paper's, over "
+                             "the run's columns) or a column (deqa, pickscore, ...)")
+    parser.add_argument("--stop-on-hacking", action="store_true",
+                        help="stop when the training signal rises while the held-out DeQA falls")
+    add_report_args(parser)
+
+
+def add_report_args(parser):
+    """--report-to, of every training stage."""
+    parser.add_argument("--report-to", default="none",
+                        help="loggers besides <out>/metrics.jsonl: none, tensorboard, wandb, or "
+                             "both comma-separated (pip install tensorboard / wandb)")
+
+
+def parse_report_to(spec):
+    """--report-to -> the loggers' names; an unknown name or a missing package fails here."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names or any(n not in ("none", "tensorboard", "wandb") for n in names):
+        raise ValueError(f"--report-to {spec!r}: expected none, tensorboard, wandb or "
+                         "tensorboard,wandb")
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"--report-to {name} needs the {name} package: pip install {name}")
+    return names
 
 
 def resolve_model_args(args):
@@ -1192,6 +1309,38 @@ def generate(pipe, texts, generators, steps=40, guidance_scale=4.5, resolution=5
     return (images, torch.cat(finals)) if return_latents else images
 
 
+def eval_items(prompts, images_per_prompt=1):
+    """Items (task, i, j, prompt) of an evaluation: i counts the prompts of each task, j the images
+    of a prompt (evaluate.py and the trainers' held-out evaluation)."""
+    if not 1 <= images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+        raise ValueError(f"--images-per-prompt must be in 1..{MAX_IMAGES_PER_PROMPT}, "
+                         f"got {images_per_prompt}")
+    counts, items = {}, []
+    for p in prompts:
+        i = counts[p.task] = counts.get(p.task, -1) + 1
+        items.extend(EvalItem(p.task, i, j, p) for j in range(images_per_prompt))
+    return items
+
+
+def eval_generators(seed, items):
+    """The noise of (task, prompt i, image j): depends on nothing else, so every model sees the
+    same."""
+    # crc32, unlike hash(), is the same in every process
+    return [sample_generators(seed, zlib.crc32(it.task.encode()),
+                              [it.i * MAX_IMAGES_PER_PROMPT + it.j])[0] for it in items]
+
+
+def generate_items(pipe, items, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
+                   batch_size, device, mixed_precision=None):
+    """Float images [N, 3, H, W] in [0, 1] of the items, with the ODE sampler and their fixed
+    noise."""
+    with autocast(torch.device(device), mixed_precision):
+        return generate(pipe, [it.prompt.text for it in items], eval_generators(seed, items),
+                        steps=steps, guidance_scale=guidance_scale, resolution=resolution,
+                        max_sequence_length=max_sequence_length, shift=shift,
+                        batch_size=batch_size, device=device)
+
+
 def parse_teachers(spec):
     """--teachers 'task=adapter,task=adapter' -> {task: adapter}; adapter = LoRA folder/file, hub id or 'base'."""
     teachers = {}
@@ -1276,11 +1425,12 @@ def local_slice(n, rank, world_size, what="samples per step"):
 
 
 def parse_rewards(spec, tasks):
-    """--reward: one spec for every task ('ocr', 'deqa:0.4,pickscore:0.6'), or per task
-    ('geneval=toy_geneval;ocr=toy_ocr'); default None = each task's reward named like the task."""
+    """--reward: one spec for every task ('ocr', 'deqa:0.4,pickscore:0.6', 'mymod:fn',
+    'url:http://h:8000'), or per task ('geneval=toy:reward_geneval;ocr=toy:reward_ocr'); default
+    None = each task's reward named like the task."""
     if spec is None:
         return {t: t for t in tasks}
-    if "=" not in spec:
+    if not re.match(r"[\w-]+=", spec):  # an '=' inside a url: query is not a task
         return {t: spec for t in tasks}
     per_task = dict(item.split("=", 1) for item in spec.split(";") if item)
     missing = sorted(set(tasks) - set(per_task))
@@ -1312,7 +1462,140 @@ def save_eval_grid(pipe, prompts, args, step, guidance_scale):
                       max_sequence_length=args.max_sequence_length, shift=args.shift,
                       batch_size=args.sample_batch, device=pipe.transformer.device)
     os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
-    save_grid(images, os.path.join(args.out, "grids", f"step-{step + 1:05d}.png"), nrow=len(prompts))
+    path = os.path.join(args.out, "grids", f"step-{step + 1:05d}.png")
+    save_grid(images, path, nrow=len(prompts))
+    return path
+
+
+HACKING_WINDOW = 3  # the hacking check compares an evaluation with the one 2 evaluations back
+
+
+class HeldOut:
+    """--eval-every N --eval-prompts K: the held-out metrics of a run, and its best checkpoint.
+
+    Every N steps (and at the last) the first K test prompts of each task are sampled with the ODE
+    at the eval settings (--eval-steps, the stage's CFG) and evaluate.py's noise, so the numbers
+    equal `evaluate.py --limit K` on the same LoRA; each task's images are scored by its metric and
+    every image by the quality metric (deqa). The values join the step's metrics row as
+    heldout/<column> (and heldout/<column>_se), and heldout/average (rewards.evaluate_images).
+    <out>/best/ keeps the LoRA (EMA when on) of the best heldout/<--select-by>, with best.json;
+    <out>/heldout.jsonl keeps every evaluation's per-image scores.
+
+    The hacking signature: the training signal (GRPO's reward, OPD's -KL to the teachers) rose
+    while the held-out quality fell by more than 2 paired standard errors (same prompts and noise)
+    since the evaluation HACKING_WINDOW - 1 back: a warning line; --stop-on-hacking stops the run.
+
+    scorer(items, images) -> (table row with "average", per-image results): rewards.evaluate_images
+    with the metrics; columns: the metric columns; signal: (name, metrics row -> training signal).
+    """
+
+    def __init__(self, args, prompts, scorer, columns, signal, guidance_scale):
+        choices = sorted(columns) + ["average"]
+        if args.select_by not in choices:
+            raise ValueError(f"--select-by {args.select_by!r} is not a held-out metric of this "
+                             f"run; choose one of {choices}")
+        check_positive(eval_steps=args.eval_steps)
+        self.args, self.scorer, self.signal = args, scorer, signal
+        self.guidance_scale = guidance_scale
+        self.items = [it for it in eval_items(prompts) if it.i < args.eval_prompts]
+        self.history, self.signals, self.enabled = [], [], False
+
+    def resume(self, resume_step, enabled):
+        """Start (resume_step -1) or continue after a checkpoint's step, logging on rank 0 when
+        enabled: evaluations past the checkpoint are dropped, and so is a best/ saved after it."""
+        self.enabled, resumed = enabled, resume_step >= 0
+        self.log = MetricsLogger(self.args.out, enabled, resume_step if resumed else None,
+                                 file="heldout.jsonl")
+        if not enabled:
+            return
+        if not resumed and os.path.exists(self.log.path):
+            os.remove(self.log.path)  # a fresh run: an old run's evaluations must not compete
+        with open(self.log.path, "a+") as f:
+            f.seek(0)
+            self.history = [row for row in map(_json_or_none, f) if row is not None]
+        best_file = os.path.join(self.args.out, "best", "best.json")
+        if os.path.isfile(best_file):
+            with open(best_file) as f:
+                if json.load(f)["step"] > resume_step:  # saved after the checkpoint: made again
+                    shutil.rmtree(os.path.join(self.args.out, "best"))
+        last = self.history[-1]["step"] if self.history else -1
+        metrics = os.path.join(self.args.out, "metrics.jsonl")
+        if resumed and os.path.exists(metrics):
+            with open(metrics) as f:
+                self.signals = [self.signal[1](row) for row in map(_json_or_none, f)
+                                if row is not None and last < row["step"] <= resume_step]
+
+    def best(self):
+        """The best evaluation so far (a heldout.jsonl row), or None."""
+        key = f"heldout/{self.args.select_by}"
+        return max(self.history, key=lambda row: row[key], default=None)
+
+    def due(self, step):
+        every = self.args.eval_every
+        return bool(every) and ((step + 1) % every == 0 or step + 1 == self.args.max_steps)
+
+    def update(self, pipe, step, row, adapter_name, ema=None):
+        """After training step `step`; on an evaluation step: evaluate (rank 0), add the held-out
+        values to `row`, keep best/, check for hacking. Call it on every rank; returns whether the
+        run stops (--stop-on-hacking)."""
+        self.signals.append(self.signal[1](row))
+        if not self.due(step):
+            return False
+        hacking = False
+        if self.enabled:
+            with ema.applied() if ema else contextlib.nullcontext():
+                hacking = self._evaluate(pipe, step, row, adapter_name)
+        stop = hacking and self.args.stop_on_hacking
+        return all_mean(float(stop), pipe.transformer.device) > 0
+
+    def _evaluate(self, pipe, step, row, adapter_name):
+        args = self.args
+        images = generate_items(pipe, self.items, args.seed, args.eval_steps, self.guidance_scale,
+                                args.resolution, args.max_sequence_length, args.shift,
+                                args.micro_batch, pipe.transformer.device, args.mixed_precision)
+        table, results = self.scorer(self.items, images)
+        values = {}
+        for column in table["n"]:
+            values[f"heldout/{column}"] = table[column]
+            values[f"heldout/{column}_se"] = table["stderr"][column]
+        values["heldout/average"] = table["average"]
+        scores = {c: [r["scores"][c] for r in results if c in r["scores"]] for c in table["n"]}
+        entry = {"step": step, "signal": float(np.mean(self.signals)), **values, "scores": scores}
+        self.signals = []
+        previous = self.best()
+        self.history.append(entry)
+        self.log.log(entry)
+        key = f"heldout/{args.select_by}"
+        if previous is None or entry[key] > previous[key]:
+            with atomic_folder(os.path.join(args.out, "best")) as tmp:
+                save_lora(pipe.transformer, adapter_name, tmp)
+                with open(os.path.join(tmp, "best.json"), "w") as f:
+                    json.dump({"step": step, "select_by": key, **values}, f, indent=1)
+        warning = hacking_warning(self.history, self.signal[0], self.best()["step"])
+        values["heldout/hacking"] = float(warning is not None)
+        row.update(values)
+        if warning:
+            from tqdm import tqdm
+            stopping = "; stopping (--stop-on-hacking)" if args.stop_on_hacking else ""
+            tqdm.write(f"step {step}: {warning}{stopping}")
+        return warning is not None
+
+
+def hacking_warning(history, signal_name, best_step, quality="deqa"):
+    """The hacking signature over held-out evaluations (HeldOut's history): the training signal
+    rose and the quality metric fell by more than 2 paired standard errors since HACKING_WINDOW - 1
+    evaluations back. Returns the warning sentence, or None."""
+    if len(history) < HACKING_WINDOW or quality not in history[-1]["scores"]:
+        return None
+    then, now = history[-HACKING_WINDOW], history[-1]
+    diffs = np.subtract(now["scores"][quality], then["scores"][quality])
+    se = diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    if not (now["signal"] > then["signal"] and diffs.mean() < -2 * se):
+        return None
+    key = f"heldout/{quality}"
+    return (f"reward hacking? the {signal_name} rose {then['signal']:.4g} -> {now['signal']:.4g} "
+            f"while held-out {quality} fell {then[key]:.4g} -> {now[key]:.4g} (paired s.e. "
+            f"{se:.2g}) since step {then['step']}; best/ holds step {best_step}")
 
 
 def resume_training(args, transformer, adapter_name, optimizer, ema=None):
@@ -1335,8 +1618,15 @@ def check_training_args(args):
     """Checks of add_training_args' flags that argparse cannot make; a bad --resume fails before any work."""
     if args.eval_every < 0:
         raise ValueError(f"--eval-every must be >= 0 (0: never), got {args.eval_every}")
+    if args.eval_prompts < 0 or (args.eval_prompts and not args.eval_every):
+        raise ValueError(f"--eval-prompts {args.eval_prompts} needs a number >= 0 and, when > 0, "
+                         "--eval-every N > 0")
+    if args.stop_on_hacking and not args.eval_prompts:
+        raise ValueError("--stop-on-hacking needs held-out metrics: --eval-every N "
+                         "--eval-prompts K")
     check_ema(args.ema)
     lora_targets(args.lora_targets)
+    parse_report_to(args.report_to)
     find_checkpoint(args.resume, args.out)
 
 
@@ -1363,6 +1653,7 @@ def cli(main, parse_args):
             if e.code:
                 time.sleep(RANK_ERROR_DELAY)  # rank 0 prints it meanwhile; torchrun stops this one
             raise
+    quiet_libraries()
     faults = (FloatingPointError, DistributedError, ConnectionError)  # ConnectionError: a reward server
     try:
         return main(args)
@@ -1379,6 +1670,48 @@ def cli(main, parse_args):
         where = f"rank {rank}: " if world_size > 1 and (rank > 0 or isinstance(e, faults)) else ""
         print(f"{os.path.basename(sys.argv[0])}: {where}error: {message}", file=sys.stderr, flush=True)
         sys.exit(1 if isinstance(e, faults) else 2)
+
+
+def quiet_libraries():
+    """Silence start-up noise known to be harmless on the command line: transformers' notices that
+    it uses the PIL image processors (no torchvision), diffusers' notes that a pipeline without T5
+    saves no text_encoder_3 (the toy world), peft's warning that a model holds several adapters
+    (teachers, anchor and student share one base on purpose), the loading and saving bars of
+    diffusers and transformers."""
+    import logging
+    import warnings
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    no_t5 = ("self.text_encoder_3=None", "self.tokenizer_3=None")
+    logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
+        lambda record: not str(record.msg).startswith(no_t5))
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute",
+                            category=UserWarning)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def step_summary(row, keys):
+    """A progress bar's postfix: the step's key numbers, e.g. 'reward_mean=0.512 kl=0.00123'."""
+    return " ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))
+
+
+def print_outputs(out_dir):
+    """A stage's last line: what it wrote under out_dir."""
+    wrote = []
+    for name, what in [("final", "the LoRA"), ("best", None), ("metrics.jsonl", None),
+                       ("heldout.jsonl", None), ("grids", "eval grids"),
+                       ("samples", "teacher samples"), ("tensorboard", None), ("wandb", None)]:
+        path = os.path.join(out_dir, name)
+        if name == "best" and os.path.isfile(os.path.join(path, "best.json")):
+            with open(os.path.join(path, "best.json")) as f:
+                best = json.load(f)
+            what = f"step {best['step']}, {best['select_by']} {best[best['select_by']]:.4g}"
+        if os.path.exists(path):
+            folder = os.sep if os.path.isdir(path) else ""
+            wrote.append(f"{path}{folder}" + (f" ({what})" if what else ""))
+    print("wrote " + ", ".join(wrote), flush=True)
 
 
 def trained_steps(args):

@@ -24,13 +24,17 @@ Columns, on the paper's scale:
     average    the paper's Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26) (rewards.paper_average)
 Each score comes with its standard error over prompts (the images of one prompt are not independent).
 
-The toy world (--toy, or automatic when the model folder has flow_opd.json) fills the same columns
-with its analogues (toy.py): geneval = the strict `correct` of toy.geneval_details, GenEval's rule over a
-shape detector, in [0, 1]; ocr = toy_ocr, the real OCR formula over a glyph reader, in [0, 1];
-deqa = toy_deqa, already on DeQA's 1-5 scale; pickscore = toy_pickscore x 26 (its reward is in
-[0, 1], "like PickScore / 26"). So the Average's / 5 and / 26 apply unchanged, and on the toy world
-it is the mean of toy GenEval, toy OCR, toy_deqa / 5 and the toy_pickscore reward. TABLE_SCALE
-holds these factors from a reward to its column.
+A model folder can name its own metrics in its flow_opd.json ("metrics": {column: reward spec},
+"metric_scales": {spec: factor to the column's scale}); the toy world names its analogues so
+(toy.py): geneval = the strict `correct` of toy:reward_geneval, GenEval's rule over a shape
+detector, in [0, 1]; ocr = toy:reward_ocr, the real OCR formula over a glyph reader, in [0, 1];
+deqa = toy:reward_deqa, already on DeQA's 1-5 scale; pickscore = toy:reward_pickscore x 26 (its
+reward is in [0, 1], "like PickScore / 26"). So the Average's / 5 and / 26 apply unchanged, and on
+the toy world it is the mean of toy GenEval, toy OCR, toy DeQA / 5 and the toy PickScore reward.
+rewards.TABLE_SCALE holds the factors of the paper's rewards.
+
+`python evaluate.py --plot RUN_DIR... --out OUT` draws the curves of training runs (their
+metrics.jsonl) into OUT/curves.png, one panel per quantity and one line per run.
 """
 import argparse
 import fcntl
@@ -40,26 +44,14 @@ import math
 import os
 import re
 import shutil
-import zlib
-from collections import namedtuple
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 import common
 import rewards
 
-REAL_METRICS = {"geneval": "geneval", "ocr": "ocr", "pickscore": "pickscore", "deqa": "deqa"}
-TOY_METRICS = {"geneval": "toy_geneval", "ocr": "toy_ocr", "pickscore": "toy_pickscore", "deqa": "toy_deqa"}
-# reward spec -> factor from its reward to its column's scale (the paper's); other specs: 1
-TABLE_SCALE = {"pickscore": 26.0, "deqa": 5.0, "toy_pickscore": 26.0}
-# what the paper's Average divides each column by (rewards.paper_average)
-AVERAGE_DIVISOR = {"geneval": 1.0, "ocr": 1.0, "deqa": 5.0, "pickscore": 26.0}
 COLUMNS = [("geneval", "GenEval"), ("ocr", "OCR"), ("deqa", "DeQA"), ("pickscore", "PickScore"), ("average", "Average")]
-MAX_IMAGES_PER_PROMPT = 10_000  # noise id of (prompt i, image j) = i * MAX + j
-
-Item = namedtuple("Item", "task i j prompt")
 
 
 def parse_args(argv=None):
@@ -74,9 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="test")
     parser.add_argument("--metrics", default="", help="column=reward overrides, comma-separated, e.g. 'deqa=none'. "
                         "Defaults: geneval=geneval,ocr=ocr,pickscore=pickscore,deqa=deqa (servers: GENEVAL_URL, "
-                        "DEQA_URL), or with --toy toy_geneval, toy_ocr, toy_pickscore, toy_deqa")
-    parser.add_argument("--toy", action="store_true",
-                        help="toy-world metrics (automatic when the model folder has flow_opd.json)")
+                        "DEQA_URL), or those the model folder's flow_opd.json names (the toy's)")
     parser.add_argument("--steps", type=int, default=40, help="ODE sampling steps (the paper's eval: 40)")
     parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale w in (CFG)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass, per process")
@@ -87,88 +77,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="out/eval", help="folder of table.json, table.md, grids/ and cache/")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                         help="print A - B, prompt by prompt, from two evaluated rows' caches in --out (no sampling)")
+    parser.add_argument("--plot", nargs="+", metavar="RUN_DIR", default=None,
+                        help="draw the curves of training runs (their metrics.jsonl) into "
+                             "--out/curves.png (or --out, a .png); needs matplotlib")
     common.add_reward_server_args(parser)
     return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- metrics
-
-def metric_specs(overrides, toy):
-    """{column: reward spec}: the defaults of the real or toy world, with 'column=spec' overrides; 'none' drops one."""
-    specs = dict(TOY_METRICS if toy else REAL_METRICS)
-    for item in (s.strip() for s in overrides.split(",") if s.strip()):
-        column, sep, spec = item.partition("=")
-        if not sep or not column or not spec:
-            raise ValueError(f"--metrics item {item!r}: expected column=reward (e.g. deqa=none or ocr=toy_ocr)")
-        specs[column] = spec
-    return {column: spec for column, spec in specs.items() if spec != "none"}
-
-
-def load_metric(spec, server=None):
-    """A reward spec -> details(images, prompts, metadata) -> one dict per image with the column's
-    value under "score" (its reward x TABLE_SCALE; GenEval: its strict `correct`) and GenEval's "tag"."""
-    if spec == "toy_geneval":  # its training reward is partial credit; the strict `correct` is in geneval_details
-        import toy
-        details = lambda images, prompts, metadata: toy.geneval_details(rewards.as_uint8(images), prompts, metadata)
-    else:
-        details = rewards.load(spec, server=server).details
-    scale = TABLE_SCALE.get(spec, 1.0)
-
-    def scored(images, prompts, metadata):
-        rows = details(images, prompts, metadata)
-        for row in rows:
-            row["score"] = float(row["correct"]) if "correct" in row else float(row["reward"]) * scale
-        return rows
-
-    return scored
-
-
-def score(metrics, items, images):
-    """Per-image results: the task's metric on its own images, 'deqa' on every image."""
-    results = [{"i": it.i, "j": it.j, "prompt": it.prompt.text, "scores": {}} for it in items]
-    for column, details in metrics.items():
-        idx = [k for k, it in enumerate(items) if column == "deqa" or it.task == column]
-        if not idx:
-            continue
-        rows = details(images[idx], [items[k].prompt.text for k in idx], [items[k].prompt.metadata for k in idx])
-        for k, row in zip(idx, rows):
-            if column == "geneval" and "correct" not in row:
-                raise ValueError("the geneval metric must report GenEval's per-image 'correct' (and 'tag')")
-            results[k]["scores"][column] = float(row["score"])
-            if column == "geneval":
-                results[k]["tag"] = row.get("tag") or items[k].prompt.metadata.get("tag") or "all"
-    return results
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def noise_generators(seed, items):
-    """The noise of (task, prompt i, image j): depends on nothing else, so every model sees the same."""
-    # crc32, unlike hash(), is the same in every process
-    return [common.sample_generators(seed, zlib.crc32(it.task.encode()), [it.i * MAX_IMAGES_PER_PROMPT + it.j])[0]
-            for it in items]
-
-
-def generate_items(pipe, items, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
-                   batch_size, device, mixed_precision=None):
-    """Float images [N, 3, H, W] in [0, 1] of the items, with the ODE sampler and their fixed noise."""
-    with common.autocast(torch.device(device), mixed_precision):
-        return common.generate(pipe, [it.prompt.text for it in items], noise_generators(seed, items), steps=steps,
-                               guidance_scale=guidance_scale, resolution=resolution,
-                               max_sequence_length=max_sequence_length, shift=shift, batch_size=batch_size,
-                               device=device)
-
-
-def index_prompts(prompts, images_per_prompt=1):
-    """Items (task, i, j, prompt): i counts the prompts of each task, j the images of a prompt."""
-    if not 1 <= images_per_prompt <= MAX_IMAGES_PER_PROMPT:
-        raise ValueError(f"--images-per-prompt must be in 1..{MAX_IMAGES_PER_PROMPT}, got {images_per_prompt}")
-    counts, items = {}, []
-    for p in prompts:
-        i = counts[p.task] = counts.get(p.task, -1) + 1
-        items.extend(Item(p.task, i, j, p) for j in range(images_per_prompt))
-    return items
-
 
 # ----------------------------------------------------------------------------- cache (resume)
 
@@ -226,47 +142,6 @@ def append_cache(cache_dir, results):
 
 # ----------------------------------------------------------------------------- summary
 
-def mean_stderr(values):
-    values = np.asarray(values, dtype=np.float64)
-    stderr = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
-    return float(values.mean()), (None if stderr is None else float(stderr))
-
-
-def summarize(results):
-    """Table row (without the model name) from per-image results with task, i, scores (and tag)."""
-    per_prompt, tags = {}, {}
-    for r in results:
-        for column, value in r["scores"].items():
-            per_prompt.setdefault(column, {}).setdefault((r["task"], r["i"]), []).append(value)
-        if "tag" in r:
-            tags[(r["task"], r["i"])] = r["tag"]
-    row = {"stderr": {}, "n": {}}
-    for column, prompts in per_prompt.items():
-        means = {key: float(np.mean(v)) for key, v in prompts.items()}
-        row["n"][column] = sum(len(v) for v in prompts.values())
-        if column == "geneval":
-            # GenEval's overall score is the mean of its per-tag accuracies
-            by_tag = {}
-            for key, value in means.items():
-                by_tag.setdefault(tags[key], []).append(value)
-            stats = {tag: mean_stderr(v) for tag, v in sorted(by_tag.items())}
-            row["geneval_tags"] = {tag: m for tag, (m, _) in stats.items()}
-            row["geneval"] = float(np.mean([m for m, _ in stats.values()]))
-            errors = [se for _, se in stats.values()]
-            row["stderr"]["geneval"] = (None if None in errors else
-                                        math.sqrt(sum(se**2 for se in errors)) / len(errors))
-        else:
-            row[column], row["stderr"][column] = mean_stderr(list(means.values()))
-    if all(c in row for c in AVERAGE_DIVISOR):
-        row["average"] = rewards.paper_average(geneval=row["geneval"], ocr=row["ocr"], pickscore=row["pickscore"],
-                                               deqa=row["deqa"])
-        errors = {c: row["stderr"][c] for c in AVERAGE_DIVISOR}
-        # treats the columns as independent (DeQA shares images with the others: an approximation)
-        row["stderr"]["average"] = (None if None in errors.values() else math.sqrt(
-            sum((se / AVERAGE_DIVISOR[c]) ** 2 for c, se in errors.items())) / len(errors))
-    return row
-
-
 def read_results(out_dir, name):
     """Per-image results of an evaluated row, from its cache: {(task, i, j): result}."""
     cache_dir = os.path.join(out_dir, "cache", cache_name(name))
@@ -294,7 +169,7 @@ def paired_difference(out_dir, a, b):
         raise ValueError(f"rows {a!r} and {b!r} were evaluated on different prompt files")
     diffs = [{**ra[k], "scores": {c: ra[k]["scores"][c] - rb[k]["scores"][c]
                                   for c in ra[k]["scores"] if c in rb[k]["scores"]}} for k in both]
-    return {"model": f"{a} - {b}", **summarize(diffs)}
+    return {"model": f"{a} - {b}", **rewards.summarize(diffs)}
 
 
 # ----------------------------------------------------------------------------- the in-process entry point
@@ -314,7 +189,7 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
     """
     from tqdm import tqdm
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    items = index_prompts(prompts, images_per_prompt)
+    items = common.eval_items(prompts, images_per_prompt)
     settings = {"seed": seed, "steps": steps, "cfg": guidance_scale, "resolution": resolution,
                 "max_sequence_length": max_sequence_length, "shift": shift, "metrics": sorted(metrics), **(settings or {})}
     done = read_cache(cache_dir, settings) if cache_dir and rank == 0 else {}
@@ -329,9 +204,9 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
         batch = [items[k] for k in mine[r * batch_size:(r + 1) * batch_size]]
         results = []
         if batch:
-            images = generate_items(pipe, batch, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
+            images = common.generate_items(pipe, batch, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
                                     batch_size, device, mixed_precision)
-            results = [{"task": it.task, **res} for it, res in zip(batch, score(metrics, batch, images))]
+            results = [{"task": it.task, **res} for it, res in zip(batch, rewards.score_items(metrics, batch, images))]
         results = [res for part in common.gather_objects(results, "gathering the scored images")
                    for res in part]
         if rank == 0:
@@ -342,7 +217,7 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
     bar.close()
     row = None
     if rank == 0:
-        row = summarize([{"task": it.task, **done[(it.task, it.i, it.j)]} for it in items])
+        row = rewards.summarize([{"task": it.task, **done[(it.task, it.i, it.j)]} for it in items])
         row["generated"] = len(missing)
     return common.gather_objects(row, "receiving rank 0's table row")[0]
 
@@ -351,8 +226,8 @@ def save_grids(pipe, prompts, out_dir, name, count, seed, steps, guidance_scale,
                shift, batch_size, device, mixed_precision=None):
     """<out>/grids/<task>/<name>.png: image 0 of the first `count` prompts of each task, in one row, with
     the evaluation's own noise: the same images as scored, and the same noise for every model."""
-    items = [it for it in index_prompts(prompts) if it.i < count]
-    images = generate_items(pipe, items, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
+    items = [it for it in common.eval_items(prompts) if it.i < count]
+    images = common.generate_items(pipe, items, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
                             batch_size, device, mixed_precision)
     zoom = max(1, 128 // images.shape[-1])  # nearest-neighbour, so that toy images (32 px) stay visible
     images = images.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
@@ -405,6 +280,85 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- curves of runs
+
+def curve_keys(rows):
+    """The quantities worth a panel, in order: reward, losses, KLs, then the held-out metrics."""
+    keys = dict.fromkeys(k for row in rows for k in row)
+    first = [k for k in ("reward_mean", "loss", "opd_loss", "kl", "mar_kl") if k in keys]
+    heldout = [k for k in keys if k.startswith("heldout/") and not k.endswith("_se")]
+    return (first + sorted(k for k in keys if k.startswith("kl/"))
+            + sorted(k for k in heldout if k != "heldout/hacking"))
+
+
+def plot_runs(run_dirs, path):
+    """One PNG of the curves of training runs: a panel per quantity, a line per run (faint: each
+    step, solid: the mean of the last 5; log scale when they span over 100x); held-out metrics as
+    points with their standard error, a star at the step each run's best/ holds, a red x where the
+    hacking check fired."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    runs = {}
+    for run in run_dirs:
+        file = os.path.join(run, "metrics.jsonl")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"--plot {run!r}: no metrics.jsonl there; pass the --out "
+                                    "folders of training runs")
+        rows = [row for _, row in read_cache_file(file)]  # a live run's half line is left out
+        best_step = None
+        if os.path.isfile(os.path.join(run, "best", "best.json")):
+            with open(os.path.join(run, "best", "best.json")) as f:
+                best_step = json.load(f)["step"]
+        runs[os.path.basename(os.path.normpath(run)) or run] = (rows, best_step)
+    keys = curve_keys([r for rows, _ in runs.values() for r in rows])
+    if not keys:
+        raise ValueError("--plot: the runs' metrics.jsonl hold no reward, loss, KL or held-out "
+                         "values")
+    ncols, nrows = min(3, len(keys)), math.ceil(len(keys) / 3)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for k, (name, (rows, best_step)) in enumerate(runs.items()):
+            points = [r for r in rows if isinstance(r.get(key), (int, float))]
+            if not points:
+                continue
+            steps, values = [r["step"] for r in points], [r[key] for r in points]
+            if not key.startswith("heldout/"):  # noisy per step: faint, with a 5-step running mean
+                running = [float(np.mean(values[max(0, i - 4):i + 1])) for i in range(len(values))]
+                ax.plot(steps, values, color=f"C{k}", lw=0.8, alpha=0.35)
+                marker = "." if len(steps) < 30 else None  # a short run stays visible
+                ax.plot(steps, running, color=f"C{k}", lw=1.5, marker=marker, label=name)
+                continue
+            errors = [r.get(key + "_se") or 0.0 for r in points]
+            ax.errorbar(steps, values, yerr=errors, color=f"C{k}", marker="o", ms=3, capsize=2,
+                        label=name)
+            hacked = [(s, v) for s, v, r in zip(steps, values, points) if r.get("heldout/hacking")]
+            if hacked:
+                ax.scatter(*zip(*hacked), color="red", marker="x", s=60, zorder=3)
+            if best_step in steps:
+                ax.scatter([best_step], [values[steps.index(best_step)]], color=f"C{k}",
+                           marker="*", s=160, zorder=3)
+        drawn = [v for line in ax.get_lines() for v in line.get_ydata()]
+        positive = [v for v in drawn if v > 0]
+        if positive and min(drawn) >= 0 and max(positive) > 100 * min(positive):  # unlike scales
+            ax.set_yscale("log", nonpositive="mask")
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------- the script
 
 def select_tasks(spec, root, specs):
@@ -451,6 +405,11 @@ def weights_id(transformer):
 
 
 def main(args):
+    if args.plot:
+        path = args.out if args.out.endswith(".png") else os.path.join(args.out, "curves.png")
+        plot_runs(args.plot, path)
+        print(f"curves of {len(args.plot)} run(s) -> {path}")
+        return path
     if args.compare:
         row = paired_difference(args.out, *args.compare)
         print("Paired difference (same prompts and noise), ± its standard error over prompts:\n")
@@ -463,14 +422,15 @@ def main(args):
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip() and a.strip() != "base"]
     name = args.name or ("+".join(adapters) if adapters else "base")
     file_name = cache_name(name)
-    toy = args.toy or bool(os.path.isdir(args.model) and common.model_defaults(args.model))
-    specs = metric_specs(args.metrics, toy)
+    model_info = common.model_defaults(args.model)
+    specs = rewards.metric_specs(args.metrics, model_info.get("metrics"))
     tasks = select_tasks(args.tasks, args.data_root, specs)
     prompts = common.load_prompts(args.data_root, tasks, args.split)
     if args.limit:
-        prompts = [p for p, it in zip(prompts, index_prompts(prompts)) if it.i < args.limit]
+        prompts = [p for p, it in zip(prompts, common.eval_items(prompts)) if it.i < args.limit]
     server = common.reward_server_options(args)
-    metrics = {column: load_metric(spec, server) for column, spec in specs.items() if column in tasks or column == "deqa"}
+    metrics = {column: rewards.load_metric(spec, server, model_info.get("metric_scales"))
+               for column, spec in specs.items() if column in tasks or column == "deqa"}
     loras = [common.read_lora(path) for path in adapters]  # a bad path fails before the model loads
 
     pipe = common.load_stage_pipeline(args, ddp.device)

@@ -88,6 +88,13 @@ def main(args):
     validate(args, tasks, teachers)
     d = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     prompts = common.load_prompts(args.data_root, tasks)
+    heldout = None
+    if args.eval_prompts:  # held-out metrics and best/, loaded before any work
+        import rewards
+        metrics = rewards.task_metrics(args.eval_metrics, tasks, common.model_defaults(args.model))
+        heldout = common.HeldOut(args, common.load_prompts(args.data_root, tasks, "test"),
+                                 functools.partial(rewards.evaluate_images, metrics), metrics,
+                                 ("OPD reward (-KL to the teachers)", opd_signal), args.student_cfg)
     n_samples = args.batch_size * args.group_size
     local = common.local_slice(n_samples, d.rank, d.world_size)
     common.minibatches(local.stop - local.start, args.updates_per_step)  # fails early on a bad split
@@ -124,10 +131,16 @@ def main(args):
 
     start, checkpoint = common.resume_training(args, transformer, "student", optimizer, ema)
     os.makedirs(args.out, exist_ok=True)
-    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1)  # drops rows past the checkpoint
+    report_to = common.parse_report_to(args.report_to)
+    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops later rows
+                                  report_to=report_to, config=vars(args), resumed=bool(checkpoint))
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
+    if heldout:
+        heldout.resume(start - 1, d.is_main)
 
-    for step in tqdm(range(start, args.max_steps), disable=not d.is_main, initial=start, total=args.max_steps):
+    bar = tqdm(range(start, args.max_steps), desc="OPD", disable=not d.is_main, initial=start,
+               total=args.max_steps)
+    for step in bar:
         t0 = time.time()
         # 2. on-policy SDE rollouts of the student; prompts and noise derive from (seed, step, sample index)
         mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, args, step, local, args.student_cfg,
@@ -149,17 +162,31 @@ def main(args):
                "lr": optimizer.param_groups[0]["lr"], "step_time": t2 - t0, "rollout_time": t1 - t0,
                "train_time": t2 - t1}
         common.check_finite(total, "the loss", args.out)
+        stop = heldout.update(pipe, step, row, "student", ema) if heldout else False  # heldout/*
         logger.log(row)
+        shown = ["loss", *sorted(k for k in row if k.startswith("kl/")), "mar_kl",
+                 f"heldout/{args.select_by}"]
+        bar.set_postfix_str(common.step_summary(row, shown), refresh=False)
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
-            common.save_eval_grid(pipe, eval_prompts, args, step, args.student_cfg)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
+            grid = common.save_eval_grid(pipe, eval_prompts, args, step, args.student_cfg)
+            logger.log_image(step, "grid", grid)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
             common.save_checkpoint(args.out, step, transformer, "student", common.training_state(optimizer, ema))
         common.barrier()
+        if stop:
+            break
 
     if d.is_main:
         common.save_final(transformer, "student", args.out, ema)
+        logger.close()
+        common.print_outputs(args.out)
     common.cleanup_distributed()
     return args.out
+
+
+def opd_signal(row):
+    """OPD's training signal for the hacking check: its reward, -(mean step KL to the teachers)."""
+    return -float(np.mean([v for k, v in row.items() if k.startswith("kl/")]))
 
 
 def distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs, old_log_probs, t, steps, args, d):

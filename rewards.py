@@ -1,6 +1,8 @@
 """Reward functions of Flow-GRPO / Flow-OPD, one small function each, selected by name.
 
     fn = rewards.load("ocr")                          # or "deqa:0.4,pickscore:0.6" (weighted sum)
+    fn = rewards.load("mymodule:my_reward")           # your function, in ./mymodule.py
+    fn = rewards.load("url:http://host:8000")         # any server speaking the JSON protocol below
     r = fn(images, prompts, metadata=None)            # np.ndarray [B] of float, the training reward
     rows = fn.details(images, prompts, metadata)      # list of B dicts, for evaluate.py
 
@@ -17,11 +19,20 @@ least "reward"; `fn.columns(images, prompts, metadata)` returns those columns fo
     geneval     partial-credit score in [0, 1]         correct (bool, GenEval's criterion), tag
     deqa        DeQA-Score / 5, in [0, 1]              raw (DeQA-Score, 1-5)
     jpeg        -(JPEG size in kB at quality 95) / 500 kb
-    toy_*       toy.reward_* (the toy world)           -
+    mod:fn      mod.fn(images, prompts, metadata)      the other columns fn returns
+    url:URL     the server's "scores"                  the server's other per-image lists
     a:wa,b:wb   wa * a + wb * b                        a, b (component rewards), a.<key>, b.<key>
 
+A spec is one REF or a blend of REF:WEIGHT parts joined by commas (each split at its last colon).
+REF is a registered name (the table above, or `register(name, loader)`), `module:function` (the
+module imported from the working directory or sys.path; the toy world's rewards are
+`toy:reward_geneval`, `toy:reward_ocr`, `toy:reward_pickscore`, `toy:reward_deqa`), or
+`url:http://host:port[/path]`. A single `name:weight` weights a registered name; any other single
+part is a REF as a whole, so `url:http://h:8000` and `mymod:fn` need no weight.
+
 Bad input raises instead of scoring: an OCR prompt with no "quoted" text, an unknown name, a
-malformed blend, a reward server that is down or answers nonsense (RewardServerError).
+malformed blend, a module or function that is not there, a `url:` server that cannot be reached
+(when loaded), a reward server that is down or answers nonsense (RewardServerError).
 
 Configuration (keyword arguments of `load`, else environment variables):
     pickscore   processor=, model= (PICKSCORE_PROCESSOR, PICKSCORE_MODEL), device=
@@ -29,7 +40,7 @@ Configuration (keyword arguments of `load`, else environment variables):
     deqa        url= (DEQA_URL), same options
 A keyword goes to each component of a blend that accepts it.
 
-Reward server protocol (geneval, deqa; `reward_server.py` serves any reward of this module):
+Reward server protocol (geneval, deqa, url:; `reward_server.py` serves any reward of this module):
 POST <url>, JSON body {"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [dict, ...]},
 answer 200 with JSON {"scores": [float, ...], ...}: one score per image; any other list of the
 same length is a per-image column (GenEval: "correct": [bool], "tags": [str]). JSON only: nothing
@@ -38,14 +49,18 @@ from the network is ever unpickled. `remote(url)` is the client for any such ser
 import base64
 import functools
 import http.client
+import importlib
 import inspect
 import io
 import json
 import math
 import os
 import re
+import socket
+import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -319,50 +334,107 @@ def deqa(url=None, batch_size=16, timeout=120.0, attempts=3, backoff=1.0):
     return with_raw
 
 
-def _toy(name):
-    """A loader of toy.<name>: toy.py is imported only when a toy reward is asked for."""
-
-    def loader():
-        import toy
-
-        return getattr(toy, name)
-
-    return loader
-
-
-# name -> loader(**options) -> reward function f(images_uint8, prompts, metadata)
+# name -> loader(**options) -> reward function f(images_uint8, prompts, metadata); see register()
 REWARDS = {
     "ocr": lambda: ocr,
     "pickscore": pickscore,
     "geneval": geneval,
     "deqa": deqa,
     "jpeg": lambda: jpeg,
-    "toy_geneval": _toy("reward_geneval"),
-    "toy_ocr": _toy("reward_ocr"),
-    "toy_pickscore": _toy("reward_pickscore"),
-    "toy_deqa": _toy("reward_deqa"),
 }
+SPEC_FORMS = ("expected a reward name, module:function, url:http://host:port, or a blend "
+              "'REF:weight,REF:weight' (e.g. 'deqa:0.4,pickscore:0.6')")
+
+
+def register(name, loader):
+    """Make `name` usable in reward specs: loader(**options) -> f(images_uint8 [B, H, W, 3],
+    prompts, metadata) returning B rewards or a dict of per-image columns with at least "reward"."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", name) or name == "url":
+        raise ValueError(f"reward name {name!r}: use letters, digits, '_', '.' or '-' "
+                         "(no ':', ',' or '=')")
+    if name in REWARDS:
+        raise ValueError(f"reward {name!r} is already registered")
+    if not callable(loader):
+        raise TypeError(f"reward {name!r}: the loader must be callable, "
+                        f"got {type(loader).__name__}")
+    REWARDS[name] = loader
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def reward_loader(ref):
+    """One REF of a spec -> its loader: a registered name, module:function or url:URL."""
+    if ref in REWARDS:
+        return REWARDS[ref]
+    if ref.startswith("url:"):
+        url = ref[len("url:"):]
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"reward {ref!r}: expected url:http://host:port[/path]")
+        return functools.partial(url_reward, url)
+    module, sep, function = ref.partition(":")
+    if sep and module in REWARDS:  # 'jpeg:x': a weight that is not a number
+        raise ValueError(f"malformed reward spec {ref!r}: {SPEC_FORMS}")
+    if sep and re.fullmatch(r"[A-Za-z_][\w.]*", module) and re.fullmatch(r"[A-Za-z_]\w*", function):
+        return lambda: import_reward(module, function)
+    if re.fullmatch(r"[A-Za-z_][\w.-]*", ref):
+        raise ValueError(f"unknown reward {ref!r}; known rewards: {', '.join(REWARDS)} "
+                         "(or module:function, url:http://host:port)")
+    raise ValueError(f"malformed reward spec {ref!r}: {SPEC_FORMS}")
+
+
+def import_reward(module, function):
+    """module.function, the module imported from the working directory or sys.path."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `--reward mymodule:fn` finds mymodule.py where one runs
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not module.startswith(e.name):
+            raise  # the module exists but one of its own imports is missing: the traceback says
+        raise ValueError(f"reward '{module}:{function}': no module {module!r} in the working "
+                         f"directory ({os.getcwd()}) or on sys.path") from None
+    fn = getattr(mod, function, None)
+    if not callable(fn):
+        raise ValueError(f"reward '{module}:{function}': {getattr(mod, '__file__', module)} has "
+                         f"no function {function!r}")
+    return fn
+
+
+def url_reward(url, batch_size=16, timeout=120.0, attempts=3, backoff=1.0):
+    """`url:URL`: the reward server at URL (rewards.remote), checked to be listening when loaded."""
+    parsed = urllib.parse.urlsplit(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=min(timeout, 10.0)).close()
+    except OSError as e:
+        raise ValueError(f"reward server {url} cannot be reached ({e.__class__.__name__}: {e}); "
+                         "start it, or fix the url: in the reward spec") from None
+    return remote(url, batch_size, timeout, attempts, backoff)
 
 
 def parse_spec(spec):
-    """'ocr' -> [('ocr', 1.0)]; 'deqa:0.4,pickscore:0.6' -> [('deqa', 0.4), ('pickscore', 0.6)]."""
-    expected = "expected a reward name or a blend 'name:weight,name:weight', e.g. 'deqa:0.4,pickscore:0.6'"
+    """'ocr' -> [('ocr', 1.0)]; 'jpeg:2' -> [('jpeg', 2.0)]; 'mymod:fn' -> [('mymod:fn', 1.0)];
+    'deqa:0.4,url:http://h:8000:0.6' -> [('deqa', 0.4), ('url:http://h:8000', 0.6)]."""
     parts = [p.strip() for p in spec.split(",")]
-    if len(parts) == 1 and ":" not in parts[0]:
-        parts = [parts[0] + ":1"]
-    blend = []
-    for part in parts:
-        name, _, weight = part.partition(":")
-        try:
-            weight = float(weight)
-        except ValueError:
-            raise ValueError(f"malformed reward spec {spec!r}: {expected}") from None
-        if not name.strip() or not math.isfinite(weight) or name.strip() in dict(blend):
-            raise ValueError(f"malformed reward spec {spec!r}: {expected}")
-        blend.append((name.strip(), weight))
-    for name, _ in blend:
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+    if len(parts) == 1:
+        name, _, weight = parts[0].rpartition(":")
+        weighted = name in REWARDS and _number(weight) is not None
+        blend = [(name, _number(weight))] if weighted else [(parts[0], 1.0)]
+    else:
+        blend = [(ref.strip(), _number(weight))
+                 for ref, _, weight in (p.rpartition(":") for p in parts)]
+    refs = [ref for ref, _ in blend]
+    bad_weight = any(w is None or not math.isfinite(w) for _, w in blend)
+    if bad_weight or not all(refs) or len(set(refs)) < len(refs):
+        raise ValueError(f"malformed reward spec {spec!r}: {SPEC_FORMS}")
+    for ref in refs:
+        reward_loader(ref)  # an unknown name or a malformed REF fails here, before anything loads
     return blend
 
 
@@ -374,7 +446,7 @@ def load(spec, server=None, **options):
     backoff} for the components that are reward servers (the trainers' --reward-* flags); local
     rewards ignore it."""
     blend = parse_spec(spec)
-    loaders = {name: REWARDS[name] for name, _ in blend}
+    loaders = {name: reward_loader(name) for name, _ in blend}
     unused = set(options) - {p for f in loaders.values() for p in inspect.signature(f).parameters}
     if unused:
         raise TypeError(f"reward {spec!r} takes no option(s) {sorted(unused)}")
@@ -418,3 +490,129 @@ def as_columns(out, n):
 
 def _python(value):
     return value.item() if isinstance(value, np.generic) else value
+
+
+# ----------------------------------------------------------------------------- metrics
+
+REAL_METRICS = {"geneval": "geneval", "ocr": "ocr", "pickscore": "pickscore", "deqa": "deqa"}
+# reward spec -> factor from its reward to its column's scale (the paper's); other specs: 1
+TABLE_SCALE = {"pickscore": 26.0, "deqa": 5.0}
+# what the paper's Average divides each column by (paper_average)
+AVERAGE_DIVISOR = {"geneval": 1.0, "ocr": 1.0, "deqa": 5.0, "pickscore": 26.0}
+
+
+def metric_specs(overrides, model_metrics=None):
+    """{column: reward spec} of evaluate.py and the held-out evaluation: the paper's metrics, or
+    those the model folder names (its flow_opd.json "metrics", how the toy world names its own),
+    with 'column=spec' overrides; 'none' drops one."""
+    specs = dict(model_metrics or REAL_METRICS)
+    for item in (s.strip() for s in overrides.split(",") if s.strip()):
+        column, sep, spec = item.partition("=")
+        if not sep or not column or not spec:
+            raise ValueError(f"--metrics item {item!r}: expected column=reward "
+                             "(e.g. deqa=none or ocr=mymodule:ocr)")
+        specs[column] = spec
+    specs = {column: spec for column, spec in specs.items() if spec != "none"}
+    for spec in specs.values():
+        parse_spec(spec)  # every spec is checked before any metric loads (a server, a model)
+    return specs
+
+
+def load_metric(spec, server=None, scales=None):
+    """A reward spec -> details(images, prompts, metadata) -> one dict per image with the column's
+    value under "score" (its reward x TABLE_SCALE or `scales`; GenEval: its strict `correct`) and
+    GenEval's "tag". scales: {spec: factor} a model folder adds (flow_opd.json "metric_scales")."""
+    details = load(spec, server=server).details
+    scale = {**TABLE_SCALE, **(scales or {})}.get(spec, 1.0)
+
+    def scored(images, prompts, metadata):
+        rows = details(images, prompts, metadata)
+        for row in rows:
+            row["score"] = float(row["correct"]) if "correct" in row else float(row["reward"]) * scale
+        return rows
+
+    return scored
+
+
+def score_items(metrics, items, images):
+    """Per-image results: the task's metric on its own images, 'deqa' on every image.
+    items: (task, i, j, prompt) tuples (common.eval_items), images: [N, ...] in their order."""
+    results = [{"i": it.i, "j": it.j, "prompt": it.prompt.text, "scores": {}} for it in items]
+    for column, details in metrics.items():
+        idx = [k for k, it in enumerate(items) if column == "deqa" or it.task == column]
+        if not idx:
+            continue
+        rows = details(images[idx], [items[k].prompt.text for k in idx], [items[k].prompt.metadata for k in idx])
+        for k, row in zip(idx, rows):
+            if column == "geneval" and "correct" not in row:
+                raise ValueError("the geneval metric must report GenEval's per-image 'correct' (and 'tag')")
+            results[k]["scores"][column] = float(row["score"])
+            if column == "geneval":
+                results[k]["tag"] = row.get("tag") or items[k].prompt.metadata.get("tag") or "all"
+    return results
+
+
+def mean_stderr(values):
+    values = np.asarray(values, dtype=np.float64)
+    stderr = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
+    return float(values.mean()), (None if stderr is None else float(stderr))
+
+
+def summarize(results):
+    """Table row (without the model name) from per-image results with task, i, scores (and tag)."""
+    per_prompt, tags = {}, {}
+    for r in results:
+        for column, value in r["scores"].items():
+            per_prompt.setdefault(column, {}).setdefault((r["task"], r["i"]), []).append(value)
+        if "tag" in r:
+            tags[(r["task"], r["i"])] = r["tag"]
+    row = {"stderr": {}, "n": {}}
+    for column, prompts in per_prompt.items():
+        means = {key: float(np.mean(v)) for key, v in prompts.items()}
+        row["n"][column] = sum(len(v) for v in prompts.values())
+        if column == "geneval":
+            # GenEval's overall score is the mean of its per-tag accuracies
+            by_tag = {}
+            for key, value in means.items():
+                by_tag.setdefault(tags[key], []).append(value)
+            stats = {tag: mean_stderr(v) for tag, v in sorted(by_tag.items())}
+            row["geneval_tags"] = {tag: m for tag, (m, _) in stats.items()}
+            row["geneval"] = float(np.mean([m for m, _ in stats.values()]))
+            errors = [se for _, se in stats.values()]
+            row["stderr"]["geneval"] = (None if None in errors else
+                                        math.sqrt(sum(se**2 for se in errors)) / len(errors))
+        else:
+            row[column], row["stderr"][column] = mean_stderr(list(means.values()))
+    if all(c in row for c in AVERAGE_DIVISOR):
+        row["average"] = paper_average(geneval=row["geneval"], ocr=row["ocr"], pickscore=row["pickscore"],
+                                               deqa=row["deqa"])
+        errors = {c: row["stderr"][c] for c in AVERAGE_DIVISOR}
+        # treats the columns as independent (DeQA shares images with the others: an approximation)
+        row["stderr"]["average"] = (None if None in errors.values() else math.sqrt(
+            sum((se / AVERAGE_DIVISOR[c]) ** 2 for c, se in errors.items())) / len(errors))
+    return row
+
+
+def evaluate_images(metrics, items, images):
+    """The table row (summarize) of images sampled for `items`, and their per-image results. The
+    row always has "average": the paper's Average when all four columns are scored, else the same
+    mean of column / divisor over the columns that are (a held-out evaluation of some tasks)."""
+    results = [{"task": it.task, **r} for it, r in zip(items, score_items(metrics, items, images))]
+    row = summarize(results)
+    if "average" not in row:
+        row["average"] = float(np.mean([row[c] / AVERAGE_DIVISOR.get(c, 1.0) for c in row["n"]]))
+    return row, results
+
+
+def task_metrics(overrides, tasks, model_info=None, server=None):
+    """{column: metric} of a held-out evaluation during training on `tasks`: each task's metric and
+    the quality metric (deqa) on every image, chosen as evaluate.py chooses them (the model
+    folder's flow_opd.json, then the 'column=spec' overrides of --eval-metrics)."""
+    model_info = model_info or {}
+    specs = metric_specs(overrides, model_info.get("metrics"))
+    missing = [t for t in tasks if t not in specs]
+    if missing:
+        raise ValueError(f"no held-out metric for task(s) {missing}: pass --eval-metrics "
+                         f"{missing[0]}=REWARD (the metrics are {sorted(specs)})")
+    return {column: load_metric(spec, server, model_info.get("metric_scales"))
+            for column, spec in specs.items() if column in tasks or column == "deqa"}

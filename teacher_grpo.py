@@ -1,7 +1,7 @@
 """Stage 1: Flow-GRPO. Trains one LoRA teacher on one task's prompts with one reward; given several
 tasks (and each task's reward) it is the paper's mixed-reward GRPO baseline.
 
-    python teacher_grpo.py --model out/toy/base --data-root out/toy/data --tasks ocr --reward toy_ocr --out out/teacher-ocr
+    python teacher_grpo.py --model out/toy/base --data-root out/toy/data --tasks ocr --reward toy:reward_ocr --out out/teacher-ocr
     torchrun --nproc_per_node 8 teacher_grpo.py --data-root dataset --tasks ocr --out out/teacher-ocr
 
 Per step (Flow-GRPO): SDE rollouts of G images per prompt with CFG, log-probs kept; rewards;
@@ -9,6 +9,7 @@ group-normalised advantages (GRPO); PPO-clipped surrogate on each trained step p
 the base model (the adapter switched off: no second copy of the model).
 """
 import argparse
+import functools
 import os
 import time
 
@@ -57,6 +58,13 @@ def main(args):
     prompts = common.load_prompts(args.data_root, tasks)
     server = common.reward_server_options(args)
     reward_fns = {task: rewards.load(spec, server=server) for task, spec in common.parse_rewards(args.reward, tasks).items()}
+    heldout = None
+    if args.eval_prompts:  # held-out metrics and best/, loaded before any work
+        model_info = common.model_defaults(args.model)
+        metrics = rewards.task_metrics(args.eval_metrics, tasks, model_info, server)
+        heldout = common.HeldOut(args, common.load_prompts(args.data_root, tasks, "test"),
+                                 functools.partial(rewards.evaluate_images, metrics), metrics,
+                                 ("training reward", lambda row: row["reward_mean"]), args.cfg)
     n_samples = args.batch_size * args.group_size
     local = common.local_slice(n_samples, d.rank, d.world_size)
     common.minibatches(local.stop - local.start, args.updates_per_step)  # fails early on a bad split
@@ -73,11 +81,17 @@ def main(args):
 
     start, checkpoint = common.resume_training(args, transformer, "policy", optimizer, ema)
     os.makedirs(args.out, exist_ok=True)
-    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1)  # drops rows past the checkpoint
+    report_to = common.parse_report_to(args.report_to)
+    logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops later rows
+                                  report_to=report_to, config=vars(args), resumed=bool(checkpoint))
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
+    if heldout:
+        heldout.resume(start - 1, d.is_main)
 
     began = time.time()
-    for step in tqdm(range(start, args.max_steps), disable=not d.is_main, initial=start, total=args.max_steps):
+    bar = tqdm(range(start, args.max_steps), desc="GRPO", disable=not d.is_main, initial=start,
+               total=args.max_steps)
+    for step in bar:
         t0 = time.time()
         # 1. on-policy SDE rollouts: every sample's prompt and noise derive from (seed, step, sample index)
         mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, args, step, local, args.cfg,
@@ -112,18 +126,24 @@ def main(args):
                "lr": optimizer.param_groups[0]["lr"], "step_time": t3 - t0, "rollout_time": t1 - t0,
                "reward_time": t2 - t1, "train_time": t3 - t2}
         common.check_finite(row["loss"], "the loss", args.out)
+        stop = heldout.update(pipe, step, row, "policy", ema) if heldout else False  # heldout/*
         logger.log(row)
+        shown = ("reward_mean", "kl", f"heldout/{args.select_by}")
+        bar.set_postfix_str(common.step_summary(row, shown), refresh=False)
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
-            common.save_eval_grid(pipe, eval_prompts, args, step, args.cfg)
+            grid = common.save_eval_grid(pipe, eval_prompts, args, step, args.cfg)
+            logger.log_image(step, "grid", grid)
         out_of_time = args.max_minutes is not None and common.all_mean(time.time() - began, d.device) > 60 * args.max_minutes
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or out_of_time:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or out_of_time or stop:
             common.save_checkpoint(args.out, step, transformer, "policy", common.training_state(optimizer, ema))
         common.barrier()
-        if out_of_time:
+        if out_of_time or stop:
             break
 
     if d.is_main:
         common.save_final(transformer, "policy", args.out, ema)
+        logger.close()
+        common.print_outputs(args.out)
     common.cleanup_distributed()
     return args.out
 

@@ -14,10 +14,12 @@ follow prompts, imperfectly, in minutes:
     ocr        'a sign that says "47"': 1-2 digits between double quotes.
     pickscore  "a green tower at night, highly detailed": a "human preference" rule.
 
-Rewards, each f(images uint8 [B, H, W, 3], prompts, metadata) -> float [B]:
+Rewards, each f(images uint8 [B, H, W, 3], prompts, metadata) -> float [B] (GenEval: columns), named
+`toy:reward_geneval`, ... in reward specs (rewards.py imports them from here when asked):
 
-    reward_geneval    Flow-GRPO's partial-credit GenEval score over a rule-based shape detector;
-                      geneval_details() also gives GenEval's strict per-image `correct` and `tag`.
+    reward_geneval    Flow-GRPO's partial-credit GenEval score over a rule-based shape detector
+                      ("reward"), with GenEval's strict per-image "correct" and "tag", the columns
+                      of the real GenEval reward server.
     reward_ocr        the real OCR reward's formula (rewards.ocr_score) over a template glyph reader
                       (it reads shape only; the colours only make the font learnable).
     reward_pickscore  in [0, 1] (like PickScore / 26): asked colour x big subject x asked background x
@@ -32,7 +34,8 @@ OCR need small, sharp, flat-coloured parts where PickScore pays for one big text
 The pipeline is a real diffusers StableDiffusion3Pipeline folder: SD3Transformer2DModel (patch 4 on
 pixels), two tiny frozen random CLIP text encoders with a BPE tokenizer trained here on the toy
 vocabulary, no T5, and an AutoencoderKL whose hand-set weights make it an exact identity (pixel space).
-<out>/base/flow_opd.json tells the stages its resolution and max_sequence_length = 1.
+<out>/base/flow_opd.json tells the stages its resolution, max_sequence_length = 1 and, for
+evaluate.py and the held-out evaluation during training, its metrics (toy:reward_*) and scales.
 """
 import argparse
 import hashlib
@@ -385,10 +388,14 @@ def geneval_details(images, prompts, metadata):
 
 
 def reward_geneval(images, prompts, metadata):
-    """Flow-GRPO's training reward for GenEval prompts (partial credit in [0, 1]); needs the metadata rows."""
+    """The GenEval reward server's columns: "reward" = Flow-GRPO's training reward (partial credit
+    in [0, 1]), "correct" = GenEval's strict criterion, "tag"; needs the metadata rows."""
     if metadata is None or any(not m or "include" not in m for m in metadata):
-        raise ValueError("toy_geneval needs GenEval metadata rows (with 'include') for every prompt")
-    return np.array([d["reward"] for d in geneval_details(images, prompts, metadata)])
+        raise ValueError("toy:reward_geneval needs GenEval metadata rows (with 'include') for "
+                         "every prompt")
+    details = geneval_details(images, prompts, metadata)
+    return {"reward": np.array([d["reward"] for d in details]),
+            "correct": [d["correct"] for d in details], "tag": [d["tag"] for d in details]}
 
 
 # ----------------------------------------------------------------------------- OCR
@@ -526,7 +533,13 @@ def reward_deqa(images, prompts=None, metadata=None):
     return np.array([1 + 4 * np.prod(list(deqa_terms(image).values())) for image in images])
 
 
-TOY_REWARDS = {"geneval": reward_geneval, "ocr": reward_ocr, "pickscore": reward_pickscore}
+TOY_REWARDS = {"geneval": lambda *batch: reward_geneval(*batch)["reward"], "ocr": reward_ocr,
+               "pickscore": reward_pickscore}  # each task's reward as an array [B]
+# what evaluate.py and the held-out evaluation score each column with (flow_opd.json), and the
+# factor from a reward to its column's scale: the toy PickScore is in [0, 1], like PickScore / 26
+METRICS = {"geneval": "toy:reward_geneval", "ocr": "toy:reward_ocr",
+           "pickscore": "toy:reward_pickscore", "deqa": "toy:reward_deqa"}
+METRIC_SCALES = {"toy:reward_pickscore": 26.0}
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -842,7 +855,8 @@ def main(args):
     pretrain(pipe, prompts, args)
     pipe.save_pretrained(base)
     with open(os.path.join(base, "flow_opd.json"), "w") as f:
-        json.dump({"max_sequence_length": 1, "resolution": RESOLUTION}, f)
+        json.dump({"max_sequence_length": 1, "resolution": RESOLUTION, "metrics": METRICS,
+                   "metric_scales": METRIC_SCALES}, f)
     shutil.rmtree(os.path.join(args.out, "tokenizer_bpe"))
     build_seconds = time.perf_counter() - start
     pipe = common.load_pipeline(base)  # measure what the stages will load
@@ -878,4 +892,5 @@ def print_table(world):
 
 
 if __name__ == "__main__":
+    common.quiet_libraries()
     main(parse_args())

@@ -92,15 +92,16 @@ evaluate() {  # evaluate NAME [EXTRA...]: the base model, or the LoRA in OUT/NAM
 }
 
 # stage 1: one teacher per task, two at a time
-stage teacher-geneval teacher_grpo.py --tasks geneval --reward toy_geneval "${GRPO[@]}" "${TRAIN[@]}" &
-stage teacher-ocr teacher_grpo.py --tasks ocr --reward toy_ocr "${GRPO[@]}" "${TRAIN[@]}" &
+stage teacher-geneval teacher_grpo.py --tasks geneval --reward toy:reward_geneval "${GRPO[@]}" "${TRAIN[@]}" &
+stage teacher-ocr teacher_grpo.py --tasks ocr --reward toy:reward_ocr "${GRPO[@]}" "${TRAIN[@]}" &
 wait_all
-stage teacher-pickscore teacher_grpo.py --tasks pickscore --reward toy_pickscore "${GRPO[@]}" "${TRAIN[@]}" &
+stage teacher-pickscore teacher_grpo.py --tasks pickscore --reward toy:reward_pickscore "${GRPO[@]}" "${TRAIN[@]}" &
 # the aesthetic teacher (MAR anchor): DeQA:PickScore 4:6 on all prompts; the toy preference rule is
 # defined on pickscore prompts only, so the other tasks' prompts get the quality score alone.
-# toy_deqa is on DeQA's raw 1-5 scale and the real `deqa` reward is DeQA / 5: weight 0.08 = 0.4 / 5.
+# toy:reward_deqa is on DeQA's raw 1-5 scale and the real `deqa` reward is DeQA / 5: weight 0.08 = 0.4 / 5.
 stage teacher-deqa teacher_grpo.py --tasks all \
-  --reward "geneval=toy_deqa;ocr=toy_deqa;pickscore=toy_deqa:0.08,toy_pickscore:0.6" "${GRPO[@]}" "${TRAIN[@]}" &
+  --reward "geneval=toy:reward_deqa;ocr=toy:reward_deqa;pickscore=toy:reward_deqa:0.08,toy:reward_pickscore:0.6" \
+  "${GRPO[@]}" "${TRAIN[@]}" &
 wait_all
 
 TEACHERS="geneval=$OUT/teacher-geneval/final,ocr=$OUT/teacher-ocr/final,pickscore=$OUT/teacher-pickscore/final"
@@ -114,7 +115,8 @@ wait_all
 # the baseline gets OPD's training time (the sum of its step times; loading and checkpoints not counted)
 budget=$(python -c "import json, sys; print(sum(json.loads(l)['step_time'] for l in open(sys.argv[1])) / 60)" \
          "$OUT/opd-merge/metrics.jsonl")
-stage grpo-mix teacher_grpo.py --tasks all --reward "geneval=toy_geneval;ocr=toy_ocr;pickscore=toy_pickscore" \
+stage grpo-mix teacher_grpo.py --tasks all \
+  --reward "geneval=toy:reward_geneval;ocr=toy:reward_ocr;pickscore=toy:reward_pickscore" \
   --max-minutes "$budget" "${GRPO[@]}" "${TRAIN[@]}" &
 stage sft-init cold_start.py --init sft --teachers "$TEACHERS" --steps 20 --resume auto "${SFT[@]}" &
 wait_all

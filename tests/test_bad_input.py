@@ -130,6 +130,31 @@ CASES = {
     "resume to an empty folder (sft)": ("cold_start", ["--resume", "{empty}"], r"--resume '.*empty' is not a checkpoint folder"),
     "resume from a corrupt checkpoint": ("teacher_grpo", ["--resume", "auto"],
                                          r"checkpoint '.*checkpoint-0' cannot be read \(.*\); delete that folder"),
+    # watching a run and custom rewards
+    "unknown logger": ("teacher_grpo", ["--report-to", "tensorbored"],
+                       r"--report-to 'tensorbored': expected none, tensorboard, wandb or "
+                       r"tensorboard,wandb"),
+    "unknown logger (sft)": ("cold_start", ["--report-to", "mlflow"],
+                             r"--report-to 'mlflow': expected none"),
+    "logger package not installed": ("opd", ["--report-to", "tensorboard,wandb"],
+                                     r"--report-to wandb needs the wandb package: "
+                                     r"pip install wandb"),
+    "held-out metric that does not exist": (
+        "teacher_grpo", ["--eval-every", "1", "--eval-prompts", "1", "--eval-metrics",
+                         "ocr=jpeg,deqa=none", "--select-by", "deqa"],
+        r"--select-by 'deqa' is not a held-out metric of this run; "
+        r"choose one of \['ocr', 'average'\]"),
+    "held-out prompts without an interval": ("opd", ["--eval-prompts", "2"],
+                                             r"--eval-prompts 2 needs .*--eval-every N > 0"),
+    "stop on hacking without held-out metrics": (
+        "opd", ["--stop-on-hacking"],
+        r"--stop-on-hacking needs held-out metrics: --eval-every N --eval-prompts K"),
+    "unreachable reward URL": ("teacher_grpo", ["--reward", "url:http://127.0.0.1:1"],
+                               r"reward server http://127.0.0.1:1 cannot be reached "
+                               r"\(ConnectionRefusedError.*\); start it"),
+    "reward module missing": ("teacher_grpo", ["--reward", "no_such_reward_module:score"],
+                              r"reward 'no_such_reward_module:score': no module "
+                              r"'no_such_reward_module' in the working"),
     # faults: exit 1, the message says the checkpoints are kept
     "NaN reward": ("teacher_grpo", ["--reward", "nan_reward"],
                    r"the 'ocr' reward is nan for prompt 'a sign that says .*', expected a finite number: stopping; "
@@ -142,9 +167,12 @@ FAULTS = {"NaN reward", "NaN loss", "NaN loss (opd)", "NaN loss (sft)"}
 
 
 def inject_nan(case, monkeypatch):
-    """The NaN cases: a reward or a loss that turns NaN on the first step."""
+    """The NaN cases: a reward or a loss that turns NaN on the first step (and a logger that is
+    not installed)."""
     nan = float("nan")
-    if case == "NaN reward":
+    if case == "logger package not installed":
+        monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails as if not installed
+    elif case == "NaN reward":
         monkeypatch.setitem(rewards.REWARDS, "nan_reward", lambda: lambda images, prompts, metadata: [nan] * len(images))
     elif case == "NaN loss":
         clip = common.ppo_clip_loss

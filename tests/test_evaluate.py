@@ -1,6 +1,7 @@
 """evaluate.py: the eval sampler against diffusers, fixed noise, resume, the table, bad input; runs/sd35m.sh --dry-run."""
 import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -31,7 +32,7 @@ def fakes(monkeypatch):
     for name, fn in {"fake_geneval": fake_geneval, "fake_ocr": channel(0), "fake_pickscore": channel(1),
                      "fake_deqa": channel(2, 4.0, 1.0)}.items():
         monkeypatch.setitem(rewards.REWARDS, name, lambda fn=fn: fn)
-    monkeypatch.setitem(evaluate.TABLE_SCALE, "fake_pickscore", 26.0)
+    monkeypatch.setitem(rewards.TABLE_SCALE, "fake_pickscore", 26.0)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +72,12 @@ def run(tiny_model, data_root, out, *extra):
 
 def test_eval_images_match_stable_diffusion3_pipeline(tiny_pipe):
     prompts = [common.Prompt("a red cat", "ocr", {}), common.Prompt("a dog", "ocr", {})]
-    items = evaluate.index_prompts(prompts)
-    ours = evaluate.generate_items(tiny_pipe, items, seed=3, steps=4, guidance_scale=4.5, resolution=8,
-                                   max_sequence_length=1, shift=3.0, batch_size=2, device="cpu")
-    expected = tiny_pipe(prompt=[p.text for p in prompts], generator=evaluate.noise_generators(3, items),
+    items = common.eval_items(prompts)
+    ours = common.generate_items(tiny_pipe, items, seed=3, steps=4, guidance_scale=4.5,
+                                 resolution=8, max_sequence_length=1, shift=3.0, batch_size=2,
+                                 device="cpu")
+    generators = common.eval_generators(3, items)
+    expected = tiny_pipe(prompt=[p.text for p in prompts], generator=generators,
                          num_inference_steps=4, guidance_scale=4.5, height=8, width=8, max_sequence_length=1,
                          output_type="pt").images
     assert ours.shape == (2, 3, 8, 8) and ours.std() > 0.01
@@ -83,14 +86,16 @@ def test_eval_images_match_stable_diffusion3_pipeline(tiny_pipe):
 
 def test_noise_depends_only_on_task_prompt_and_image():
     prompt = lambda task: common.Prompt("a cat", task, {})
-    items = evaluate.index_prompts([prompt("ocr"), prompt("ocr"), prompt("geneval")], images_per_prompt=2)
-    first = lambda its: [torch.randn(3, generator=g) for g in evaluate.noise_generators(0, its)]
+    items = common.eval_items([prompt("ocr"), prompt("ocr"), prompt("geneval")],
+                              images_per_prompt=2)
+    first = lambda its: [torch.randn(3, generator=g) for g in common.eval_generators(0, its)]
     noise = first(items)
     alone = first([items[3]])  # ocr prompt 1, image 1, sampled without the others
     assert torch.equal(noise[3], alone[0])
     assert all(not torch.equal(noise[a], noise[b]) for a in range(6) for b in range(a))  # task, i, j all matter
     assert torch.equal(first(items)[0], noise[0])  # a rerun
-    assert not torch.equal(noise[0], torch.randn(3, generator=evaluate.noise_generators(1, items[:1])[0]))  # seed
+    other_seed = common.eval_generators(1, items[:1])[0]
+    assert not torch.equal(noise[0], torch.randn(3, generator=other_seed))
 
 
 def test_table_markdown_and_grids_are_written(tiny_model, data_root, tmp_path, fakes):
@@ -225,7 +230,7 @@ def test_summary_is_genevals_mean_over_tags_with_stderr_over_prompts():
     results = [{"task": "geneval", "i": i, "tag": tag, "scores": {"geneval": c}}
                for i, (tag, c) in enumerate([("a", 1.0), ("a", 0.0), ("a", 1.0), ("b", 1.0), ("b", 1.0)])]
     results += [{"task": "ocr", "i": i // 2, "scores": {"ocr": s}} for i, s in enumerate([0.2, 0.4, 0.6, 1.0])]
-    row = evaluate.summarize(results)
+    row = rewards.summarize(results)
     assert row["geneval"] == pytest.approx((2 / 3 + 1) / 2) and row["geneval_tags"] == {"a": 2 / 3, "b": 1.0}
     se_a = np.std([1, 0, 1], ddof=1) / np.sqrt(3)
     assert row["stderr"]["geneval"] == pytest.approx(np.sqrt(se_a**2 + 0) / 2)
@@ -234,18 +239,43 @@ def test_summary_is_genevals_mean_over_tags_with_stderr_over_prompts():
 
 
 def test_toy_metrics_are_on_the_tables_scale():
-    pytest.importorskip("scipy")
     import toy
     images = np.random.RandomState(0).randint(0, 256, (2, toy.RESOLUTION, toy.RESOLUTION, 3), dtype=np.uint8)
     color, shape = next(iter(toy.COLORS)), toy.SHAPES[0]
     row = {"tag": "colors", "include": [{"class": shape, "count": 1, "color": color}], "prompt": f"a photo of a {color} {shape}"}
-    geneval = evaluate.load_metric("toy_geneval")(images, [row["prompt"]] * 2, [row] * 2)
-    assert all(r["tag"] == "colors" and r["score"] == float(r["correct"]) for r in geneval)
-    deqa = evaluate.load_metric("toy_deqa")(images, ["a"] * 2, None)
-    assert all(1 <= r["score"] <= 5 for r in deqa)  # already on DeQA's scale
+    metric = lambda column: rewards.load_metric(toy.METRICS[column], scales=toy.METRIC_SCALES)
+    geneval = metric("geneval")(images, [row["prompt"]] * 2, [row] * 2)
+    strict = toy.geneval_details(images, [row["prompt"]] * 2, [row] * 2)
+    assert [(r["tag"], r["score"]) for r in geneval] == [("colors", float(d["correct"]))
+                                                         for d in strict]
+    deqa = metric("deqa")(images, ["a"] * 2, None)
+    assert [r["score"] for r in deqa] == pytest.approx(toy.reward_deqa(images))  # DeQA's 1-5
     prompt = f"a {color} {shape} at night, highly detailed"  # the toy's own words
-    pick = evaluate.load_metric("toy_pickscore")(images, [prompt] * 2, None)
+    pick = metric("pickscore")(images, [prompt] * 2, None)
     assert [r["score"] for r in pick] == pytest.approx(26 * toy.reward_pickscore(images, [prompt] * 2))
+
+
+def test_the_model_folder_names_its_metrics(tiny_model, data_root, tmp_path, fakes):
+    """flow_opd.json's "metrics" and "metric_scales" (how the toy world names its own) replace the
+    paper's defaults: the same table as passing them with --metrics and a TABLE_SCALE entry."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    info = json.loads((model / "flow_opd.json").read_text())
+    specs = dict(item.split("=") for item in FAKE_METRICS.split(","))
+    info.update(metrics=specs, metric_scales={"fake_pickscore": 26.0})
+    (model / "flow_opd.json").write_text(json.dumps(info))
+    del rewards.TABLE_SCALE["fake_pickscore"]  # only the model folder scales it (until teardown)
+    named = evaluate.main(evaluate.parse_args(["--model", str(model), "--data-root", data_root,
+                                               "--out", str(tmp_path / "named"), "--steps", "2",
+                                               "--batch-size", "4"]))
+    unscaled = run(tiny_model, data_root, tmp_path / "unscaled")
+    rewards.TABLE_SCALE["fake_pickscore"] = 26.0
+    given = run(tiny_model, data_root, tmp_path / "given")
+    assert named["metrics"] == specs and given["metrics"] == specs
+    for column in ("geneval", "ocr", "deqa", "pickscore", "average"):
+        assert named[column] == given[column], column
+    assert unscaled["pickscore"] > 0
+    assert named["pickscore"] == pytest.approx(26 * unscaled["pickscore"])
 
 
 def test_bad_input_names_the_problem(tiny_model, data_root, tmp_path, fakes):

@@ -53,17 +53,93 @@ def test_as_uint8_accepts_pil_uint8_and_float_tensor():
 
 
 def test_unknown_reward_lists_known_names():
-    with pytest.raises(ValueError, match="known rewards: ocr, pickscore, geneval, deqa, jpeg, toy_geneval"):
+    known = r"known rewards: ocr, pickscore, geneval, deqa, jpeg \(or module:function"
+    with pytest.raises(ValueError, match=known):
         rewards.load("aesthetic")
     with pytest.raises(ValueError, match="unknown reward 'pickscor'"):
         rewards.load("deqa:0.4,pickscor:0.6")
 
 
 @pytest.mark.parametrize("spec", ["", "deqa:0.4,", "deqa:x,pickscore:0.6", "deqa:0.4;pickscore:0.6",
-                                  "deqa,pickscore", "jpeg:1,jpeg:2", ":0.5", "jpeg:nan"])
+                                  "deqa,pickscore", "jpeg:1,jpeg:2", ":0.5", "jpeg:nan", "jpeg:x",
+                                  "url:ftp://h:1", "my mod:fn", "mod:fn:0.5:x"])
 def test_malformed_blend_says_expected_form(spec):
-    with pytest.raises(ValueError, match="name:weight,name:weight"):
+    with pytest.raises(ValueError, match="REF:weight,REF:weight|url:http://host:port"):
         rewards.load(spec)
+
+
+@pytest.mark.parametrize("spec,blend", [
+    ("ocr", [("ocr", 1.0)]),
+    ("jpeg:2", [("jpeg", 2.0)]),  # a registered name with a weight
+    ("mymod:fn", [("mymod:fn", 1.0)]),  # one module:function REF, not a name with a weight
+    ("toy:reward_deqa", [("toy:reward_deqa", 1.0)]),
+    ("url:http://h:8000", [("url:http://h:8000", 1.0)]),  # the port is not a weight
+    ("url:http://h:8000/score?v=1", [("url:http://h:8000/score?v=1", 1.0)]),
+    ("deqa:0.4, pickscore:0.6", [("deqa", 0.4), ("pickscore", 0.6)]),
+    ("toy:reward_deqa:0.08,toy:reward_pickscore:0.6",
+     [("toy:reward_deqa", 0.08), ("toy:reward_pickscore", 0.6)]),
+    ("url:http://h:8000:0.5,mymod:fn:-1e-3", [("url:http://h:8000", 0.5), ("mymod:fn", -0.001)]),
+])
+def test_spec_is_one_ref_or_a_blend_split_at_the_last_colon(spec, blend):
+    assert rewards.parse_spec(spec) == blend
+
+
+MODULE = '''import numpy as np
+def red(images, prompts, metadata):
+    return {"reward": images[..., 0].mean(axis=(1, 2)) / 255,
+            "prompt_length": [len(p) for p in prompts]}
+def blue(images, prompts, metadata):
+    return images[..., 2].mean(axis=(1, 2)) / 255
+'''
+
+
+def test_a_function_in_the_working_directory_is_a_reward(tmp_path, monkeypatch):
+    (tmp_path / "my_colour_rewards.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    images, prompts = random_images(3), ["a", "bb", "ccc"]
+    red, blue = images[..., 0].mean(axis=(1, 2)) / 255, images[..., 2].mean(axis=(1, 2)) / 255
+    np.testing.assert_allclose(rewards.load("my_colour_rewards:red")(images, prompts), red)
+    rows = rewards.load("my_colour_rewards:red").details(images, prompts)
+    assert [r["prompt_length"] for r in rows] == [1, 2, 3]
+    blend = rewards.load("my_colour_rewards:red:0.25,my_colour_rewards:blue:0.75,jpeg:1")
+    jpeg = rewards.load("jpeg")(images, prompts)
+    np.testing.assert_allclose(blend(images, prompts), 0.25 * red + 0.75 * blue + jpeg)
+    with pytest.raises(ValueError, match="no module 'not_there' in the working directory"):
+        rewards.load("not_there:red")
+    with pytest.raises(ValueError, match=r"my_colour_rewards.py has no function 'green'"):
+        rewards.load("my_colour_rewards:green")
+
+
+def test_register_names_a_reward(monkeypatch):
+    monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))
+    def green(scale=1.0):
+        return lambda images, prompts, metadata: scale * images[..., 1].mean(axis=(1, 2))
+
+    rewards.register("mean_green", green)
+    images = random_images(2)
+    np.testing.assert_allclose(rewards.load("mean_green:3", scale=2.0)(images, ["a", "b"]),
+                               6.0 * images[..., 1].mean(axis=(1, 2)))
+    with pytest.raises(ValueError, match="already registered"):
+        rewards.register("mean_green", lambda: None)
+    with pytest.raises(ValueError, match="no ':'"):
+        rewards.register("a:b", lambda: None)
+
+
+def test_any_server_by_url_is_a_reward_and_an_unreachable_one_fails_at_load(serve):
+    images, prompts = random_images(5), [f"prompt {i}" for i in range(5)]
+    url = serve(reward_server.make_server(rewards.load("jpeg").columns, port=0, name="jpeg"))
+    local = rewards.load("jpeg")(images, prompts)
+    fn = rewards.load(f"url:{url}", batch_size=2)
+    np.testing.assert_allclose(fn(images, prompts), local)
+    assert [r["kb"] for r in fn.details(images, prompts)] == pytest.approx(
+        [r["kb"] for r in rewards.load("jpeg").details(images, prompts)])
+    np.testing.assert_allclose(rewards.load(f"url:{url}:0.5,jpeg:0.5")(images, prompts), local)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ValueError, match=f"reward server {down} cannot be reached"):
+        rewards.load(f"url:{down}")
 
 
 def test_blend_is_weighted_sum_of_components(monkeypatch):
@@ -90,10 +166,13 @@ def test_fn_checks_prompt_count_and_reward_shape(monkeypatch):
         rewards.load("short")(random_images(2), ["a", "b"])
 
 
-def test_toy_rewards_registered_without_importing_toy():
-    assert {"toy_geneval", "toy_ocr", "toy_pickscore", "toy_deqa"} <= set(rewards.REWARDS)
+def test_toy_rewards_load_by_module_and_rewards_does_not_import_toy():
+    import toy
     code = "import sys, rewards; assert 'toy' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=Path(rewards.__file__).parent, check=True)
+    images = random_images(2)
+    by_spec = rewards.load("toy:reward_deqa")(images, ["a", "b"])
+    np.testing.assert_array_equal(by_spec, toy.reward_deqa(images))
 
 
 def test_jpeg_is_negative_file_size_in_kb_over_500(tmp_path):

@@ -46,7 +46,10 @@ def test_pipeline_round_trips_and_samples_with_stock_diffusers(quick_world, tmp_
     out, _, _ = quick_world
     base = os.path.join(out, "base")
     with open(os.path.join(base, "flow_opd.json")) as f:
-        assert json.load(f) == {"max_sequence_length": 1, "resolution": 32}
+        assert json.load(f) == {"max_sequence_length": 1, "resolution": 32, "metrics": {
+            "geneval": "toy:reward_geneval", "ocr": "toy:reward_ocr",
+            "pickscore": "toy:reward_pickscore", "deqa": "toy:reward_deqa"},
+            "metric_scales": {"toy:reward_pickscore": 26.0}}
     pipe = StableDiffusion3Pipeline.from_pretrained(base, text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(str(tmp_path / "copy"))
     copy = common.load_pipeline(str(tmp_path / "copy"))

@@ -1416,6 +1416,12 @@ def step_prompts(num_prompts, batch_size, seed, step):
     return rng.choice(num_prompts, batch_size, replace=num_prompts < batch_size)
 
 
+def group_prompt_ids(num_prompts, batch_size, group_size, seed, step):
+    """Prompt index of each of a step's batch_size x group_size samples: G consecutive samples share
+    one prompt, the group that (GRPO)'s advantages normalise over."""
+    return np.repeat(step_prompts(num_prompts, batch_size, seed, step), group_size)
+
+
 def local_slice(n, rank, world_size, what="samples per step"):
     """This rank's contiguous share of n global items (n must divide evenly)."""
     if n % world_size:
@@ -1724,8 +1730,7 @@ def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device,
     prompt and noise a function of (seed, step, global sample index). Returns this rank's
     (prompts, cond, uncond, xs, log_probs)."""
     n_samples = args.batch_size * args.group_size
-    ids = step_prompts(len(prompts), args.batch_size, args.seed, step).repeat(args.group_size)
-    ids = ids.reshape(args.group_size, -1).T.flatten()
+    ids = group_prompt_ids(len(prompts), args.batch_size, args.group_size, args.seed, step)
     mine = [prompts[i] for i in ids[local]]
     # each distinct prompt of the step is encoded once and its group reuses the outputs; every rank
     # encodes the same set, so that the embeddings do not depend on the number of processes

@@ -403,3 +403,12 @@ def test_metrics_logger_drops_rows_past_the_resumed_step(tmp_path):
     common.MetricsLogger(str(tmp_path), resume_step=2).log({"step": 3, "loss": 30})
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["step"], r["loss"]) for r in rows] == [(0, 0), (1, 1), (2, 2), (3, 30)]
+
+
+def test_each_group_of_consecutive_samples_shares_one_prompt():
+    """(GRPO) normalises rewards over G consecutive samples: they must all be rollouts of one prompt,
+    and the groups are the step's prompts in order."""
+    ids = common.group_prompt_ids(num_prompts=50, batch_size=6, group_size=4, seed=0, step=3)
+    groups = ids.reshape(6, 4)
+    assert (groups == groups[:, :1]).all()
+    assert groups[:, 0].tolist() == common.step_prompts(50, 6, 0, 3).tolist()

@@ -1,7 +1,12 @@
-"""The math and plumbing every Flow-OPD stage shares.
+"""The math and plumbing every Flow-OPD stage shares, in reading order.
 
-Equation tags ((SDE), (LOGP), (KL), ...) refer to DESIGN.md and the README's equation table; each
-equation is computed here, once. Pure functions and small classes only: nothing runs at import.
+Sections 1-8 are the method, each equation computed once on the line that carries its tag
+((SDE), (LOGP), (KL), ...; docs/design.md and the README's equation table list them):
+    1 schedule and SDE sampler   2 per-step KL   3 model calls and guidance   4 rollouts
+    5 flow matching   6 GRPO / OPD / MAR objectives   7 routing   8 LoRA merge
+Sections 9-14 are the plumbing around it: LoRA adapters, pipeline and prompts, distributed,
+optimizer and metrics, checkpoints and faults, the command line.
+Pure functions and small classes; nothing runs at import, and no project module is imported.
 
 Conventions (diffusers' SD3): t in [0, 1] is the noise level ("sigma"), x_t = (1 - t) x_0 + t eps,
 v = eps - x_0, sampling runs t = 1 -> 0, dt = t_next - t < 0.
@@ -32,17 +37,18 @@ PAPER_TEACHERS = ("geneval=jieliu/SD3.5M-FlowGRPO-GenEval,ocr=jieliu/SD3.5M-Flow
 # Flow-GRPO's LoRA targets: the `attn.` prefix leaves SD3.5-M's dual-attention `attn2` out
 LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
-
 SDEStep = namedtuple("SDEStep", "x_next log_prob mean std")
 Rollout = namedtuple("Rollout", "xs log_probs")
 Prompt = namedtuple("Prompt", "text task metadata")
 Dist = namedtuple("Dist", "rank world_size local_rank device is_main")
-RANK_ERROR_DELAY = 5.0  # seconds a rank other than 0 waits before it reports bad input (cli)
 EvalItem = namedtuple("EvalItem", "task i j prompt")
 MAX_IMAGES_PER_PROMPT = 10_000  # evaluation noise id of (prompt i, image j) = i * MAX + j
+RANK_ERROR_DELAY = 5.0  # seconds a rank other than 0 waits before it reports bad input (cli)
+HACKING_WINDOW = 3  # the hacking check compares an evaluation with the one 2 evaluations back
 
 
-# ----------------------------------------------------------------------------- schedule and sampler
+# ------------------------------------------------------- 1. schedule and SDE sampler (SDE) (LOGP)
+
 
 def timesteps(num_steps, shift=3.0, num_train_timesteps=1000):
     """The sampling schedule t_0 = 1 > ... > t_N = 0, equal to FlowMatchEulerDiscreteScheduler(shift).sigmas."""
@@ -95,6 +101,9 @@ def sde_step(v, x, t, t_next, noise_level, x_next=None, generator=None):
     return SDEStep(x_next, gaussian_log_prob(x_next.float(), mean, std), mean, std)
 
 
+# ---------------------------------------------------------------------------- 2. per-step KL (KL)
+
+
 def kl_weight(t, t_next, noise_level):
     """lambda_t of (KL): KL_t = lambda_t ||v_s - v_T||^2 when both policies share the step's std."""
     dt = t_next - t
@@ -125,7 +134,8 @@ def kl_penalty(v_student, v_ref, t, t_next, noise_level):
     return dt.expand(diff.shape[0]) * step_kl(v_student, v_ref, t, t_next, noise_level)  # (KL)
 
 
-# ----------------------------------------------------------------------------- model calls
+# -------------------------------------------------------------- 3. model calls and guidance (CFG)
+
 
 def velocity(transformer, x, t, prompt_embeds, pooled):
     """The transformer's velocity at (x, t); t float or Tensor[B] in [0, 1] (the model sees 1000 t)."""
@@ -144,6 +154,9 @@ def guided_velocity(transformer, x, t, cond, uncond, guidance_scale):
     pooled = torch.cat([uncond[1], cond[1]])
     v_u, v_c = velocity(transformer, torch.cat([x, x]), torch.cat([t, t]), embeds, pooled).chunk(2)
     return v_u + guidance_scale * (v_c - v_u)  # (CFG)
+
+
+# ------------------------------------------------------- 4. rollouts and on-policy sampling (SDE)
 
 
 @torch.no_grad()
@@ -168,7 +181,88 @@ def rollout(transformer, cond, uncond, latents, timesteps, guidance_scale, noise
     return Rollout(torch.stack(xs, 1), torch.stack(log_probs, 1))
 
 
-# ----------------------------------------------------------------------------- flow matching
+def trained_steps(args):
+    """How many leading steps of a rollout the on-policy stages train on (--timestep-fraction of --steps)."""
+    return max(1, int(args.steps * args.timestep_fraction))
+
+
+def step_prompts(num_prompts, batch_size, seed, step):
+    """The global batch of prompt indices of a training step, a function of (seed, step) only."""
+    rng = np.random.default_rng([seed, step])
+    return rng.choice(num_prompts, batch_size, replace=num_prompts < batch_size)
+
+
+def group_prompt_ids(num_prompts, batch_size, group_size, seed, step):
+    """Prompt index of each of a step's batch_size x group_size samples: G consecutive samples share
+    one prompt, the group that (GRPO)'s advantages normalise over."""
+    return np.repeat(step_prompts(num_prompts, batch_size, seed, step), group_size)
+
+
+def sample_generators(seed, step, indices):
+    """One CPU generator per global sample index, seeded from (seed, step, index).
+
+    A sample's prompt and noise then do not depend on how many ranks share the batch.
+    """
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**32, step % 2**32, int(i) % 2**32]).generate_state(1)[0]))
+            for i in indices]
+
+
+def initial_latents(pipe, resolution, generators, device):
+    """x_1 ~ N(0, I) in the pipeline's latent shape, one generator per sample."""
+    channels = pipe.transformer.config.in_channels
+    size = resolution // pipe.vae_scale_factor
+    from diffusers.utils.torch_utils import randn_tensor
+    return randn_tensor((len(generators), channels, size, size), generator=list(generators), device=device,
+                        dtype=torch.float32)
+
+
+def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device, t):
+    """A step's SDE rollouts of the active adapter: G consecutive samples per prompt, each sample's
+    prompt and noise a function of (seed, step, global sample index). Returns this rank's
+    (prompts, cond, uncond, xs, log_probs)."""
+    n_samples = args.batch_size * args.group_size
+    ids = group_prompt_ids(len(prompts), args.batch_size, args.group_size, args.seed, step)
+    mine = [prompts[i] for i in ids[local]]
+    # each distinct prompt of the step is encoded once and its group reuses the outputs; every rank
+    # encodes the same set, so that the embeddings do not depend on the number of processes
+    row_of = {text: k for k, text in enumerate(dict.fromkeys(prompts[i].text for i in ids))}
+    cond, uncond = encode_prompts(pipe, list(row_of), args.max_sequence_length, device)
+    rows = torch.tensor([row_of[p.text] for p in mine], device=cond[0].device)
+    cond, uncond = (cond[0][rows], cond[1][rows]), (uncond[0][rows], uncond[1][rows])
+    gens = sample_generators(args.seed, step, range(n_samples)[local])
+    sde_steps = trained_steps(args) if args.sde_window == "trained" else None
+    parts = []
+    with autocast(device, args.mixed_precision):
+        latents = initial_latents(pipe, args.resolution, gens, device)
+        for part in torch.arange(len(mine)).split(args.sample_batch):  # --sample-batch at a time
+            c, u = (cond[0][part], cond[1][part]), (uncond[0][part], uncond[1][part])
+            parts.append(rollout(pipe.transformer, c, u, latents[part], t, guidance_scale,
+                                 args.noise_level, [gens[i] for i in part], sde_steps=sde_steps))
+    xs, log_probs = torch.cat([r.xs for r in parts]), torch.cat([r.log_probs for r in parts])
+    return mine, cond, uncond, xs, log_probs
+
+
+@torch.no_grad()
+def generate(pipe, texts, generators, steps=40, guidance_scale=4.5, resolution=512, max_sequence_length=256,
+             shift=3.0, batch_size=16, noise_level=0.0, device="cpu", return_latents=False):
+    """Images for `texts` with the transformer's active adapter; the evaluation protocol by default
+    (ODE = the Euler sampler of StableDiffusion3Pipeline, CFG). One generator per text fixes its noise.
+    Returns float images [N, 3, H, W] in [0, 1] (and the final latents when return_latents)."""
+    images, finals = [], []
+    for i in range(0, len(texts), batch_size):
+        chunk, gens = texts[i:i + batch_size], generators[i:i + batch_size]
+        cond, uncond = encode_prompts(pipe, chunk, max_sequence_length, device)
+        latents = initial_latents(pipe, resolution, gens, device)
+        x = rollout(pipe.transformer, cond, uncond, latents, timesteps(steps, shift), guidance_scale, noise_level,
+                    generator=gens).xs[:, -1]
+        finals.append(x)
+        images.append(decode(pipe, x).cpu())
+    images = torch.cat(images)
+    return (images, torch.cat(finals)) if return_latents else images
+
+
+# -------------------------------------------------------------------------- 5. flow matching (FM)
+
 
 def sample_train_t(batch, shift=3.0, generator=None, device=None):
     """Training times: logit-normal, then shifted like the sampler's schedule.   # (FM)"""
@@ -187,7 +281,8 @@ def fm_loss(v_pred, x0, noise):
     return ((v_pred.float() - (noise.float() - x0.float())) ** 2).mean()  # (FM)
 
 
-# ----------------------------------------------------------------------------- RL objectives
+# --------------------------------------------------------------- 6. objectives (GRPO) (OPD) (MAR)
+
 
 def group_advantages(rewards, group_size, clip=5.0, eps=1e-4):
     """Group-normalised, clipped advantages and a mask of the groups with any reward spread.   # (GRPO)
@@ -246,7 +341,8 @@ def mar_penalty(v_student, v_anchor, t, t_next, noise_level, beta):
     return beta * kl_penalty(v_student, v_anchor.detach(), t, t_next, noise_level)  # (MAR)
 
 
-# ----------------------------------------------------------------------------- routing
+# ----------------------------------------------------------------------------- 7. routing (ROUTE)
+
 
 def route(tasks, teachers):
     """Hard routing: {teacher task: indices of the prompts of that task}.   # (ROUTE)
@@ -262,42 +358,7 @@ def route(tasks, teachers):
     return {task: torch.tensor(idx) for task, idx in groups.items()}
 
 
-# ----------------------------------------------------------------------------- LoRA adapters
-
-def lora_config(rank=32, alpha=64, target_modules=None):
-    from peft import LoraConfig
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                      target_modules=list(target_modules or LORA_TARGETS))
-
-
-def lora_targets(spec):
-    """--lora-targets 'a,b,...' -> peft target_modules: a module is adapted when its name is a
-    target or ends in '.' + a target (so 'attn.to_q' matches blocks.N.attn.to_q, not attn2.to_q)."""
-    targets = [t.strip() for t in spec.split(",") if t.strip()]
-    if not targets:
-        raise ValueError(f"--lora-targets {spec!r} names no module; expected comma-separated "
-                         f"module names, e.g. {','.join(LORA_TARGETS)}")
-    return targets
-
-
-def use_adapter(transformer, name):
-    """Make adapter `name` (or the base model, name None / "base") the one used in forward passes.
-
-    Sets only what a LoRA layer's forward reads: its active adapter and its on/off flag (peft's
-    `_active_adapter` / `_disable_adapters`, pinned peft version). peft's own switches (set_adapters,
-    enable_adapters, disable_adapters) also set requires_grad on every adapter's weights: they would make
-    a teacher trainable and freeze the student, silently changing what the optimizer trains, and that
-    bookkeeping was most of a switch's cost (docs/bench.md).
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    base = name in (None, "base")
-    if not base and name not in getattr(transformer, "peft_config", {}):
-        raise ValueError(f"no adapter {name!r} on the model; it has {sorted(getattr(transformer, 'peft_config', {}))}")
-    for module in transformer.modules():
-        if isinstance(module, BaseTunerLayer):
-            module._disable_adapters = base
-            if not base:
-                module._active_adapter = [name]
+# ------------------------------------------------------------------------------- 8. merge (MERGE)
 
 
 def _module_names(state_dict):
@@ -422,6 +483,45 @@ def relative_error(exact, merged):
     return math.sqrt(error / total) if total > 0 else 0.0
 
 
+# -------------------------------------------------- 9. LoRA adapters: create, switch, read, write
+
+
+def lora_config(rank=32, alpha=64, target_modules=None):
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                      target_modules=list(target_modules or LORA_TARGETS))
+
+
+def lora_targets(spec):
+    """--lora-targets 'a,b,...' -> peft target_modules: a module is adapted when its name is a
+    target or ends in '.' + a target (so 'attn.to_q' matches blocks.N.attn.to_q, not attn2.to_q)."""
+    targets = [t.strip() for t in spec.split(",") if t.strip()]
+    if not targets:
+        raise ValueError(f"--lora-targets {spec!r} names no module; expected comma-separated "
+                         f"module names, e.g. {','.join(LORA_TARGETS)}")
+    return targets
+
+
+def use_adapter(transformer, name):
+    """Make adapter `name` (or the base model, name None / "base") the one used in forward passes.
+
+    Sets only what a LoRA layer's forward reads: its active adapter and its on/off flag (peft's
+    `_active_adapter` / `_disable_adapters`, pinned peft version). peft's own switches (set_adapters,
+    enable_adapters, disable_adapters) also set requires_grad on every adapter's weights: they would make
+    a teacher trainable and freeze the student, silently changing what the optimizer trains, and that
+    bookkeeping was most of a switch's cost (docs/bench.md).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    base = name in (None, "base")
+    if not base and name not in getattr(transformer, "peft_config", {}):
+        raise ValueError(f"no adapter {name!r} on the model; it has {sorted(getattr(transformer, 'peft_config', {}))}")
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._disable_adapters = base
+            if not base:
+                module._active_adapter = [name]
+
+
 def read_lora(path):
     """Read a LoRA as (state dict '<module>.lora_A/B.weight', config dict with r, lora_alpha, target_modules).
 
@@ -523,6 +623,16 @@ def load_lora(transformer, path, name):
     add_lora_from_state(transformer, name, state, config, source=path)
 
 
+def restore_lora(transformer, name, path):
+    """Load the LoRA weights saved in a checkpoint folder into the existing adapter `name`."""
+    from peft.utils import set_peft_model_state_dict
+    state, _ = read_lora(path)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if unexpected:
+        raise ValueError(f"checkpoint {path!r} does not fit the {name} LoRA (--rank?): {unexpected[:3]}")
+
+
 def save_lora(transformer, name, out_dir):
     """Save adapter `name` so that StableDiffusion3Pipeline.load_lora_weights(out_dir) loads it at its scale."""
     from peft.utils import get_peft_model_state_dict
@@ -537,7 +647,8 @@ def write_lora(state, config, out_dir):
                                                transformer_lora_adapter_metadata=config)
 
 
-# ----------------------------------------------------------------------------- pipeline and prompts
+# --------------------------------------------------- 10. pipeline, precision, prompts and rewards
+
 
 def model_defaults(model):
     """Per-model defaults the toy world stores beside its pipeline (flow_opd.json); SD3.5-M has none."""
@@ -546,6 +657,52 @@ def model_defaults(model):
         with open(path) as f:
             return json.load(f)
     return {}
+
+
+def scheduler_shift(model):
+    """The shift of the model's FlowMatchEulerDiscreteScheduler, from its
+    scheduler/scheduler_config.json (a local folder, or a hub id: cache or hub); None when it cannot
+    be read (load_pipeline then says why, and load_stage_pipeline takes the loaded scheduler's)."""
+    path = os.path.join(model, "scheduler", "scheduler_config.json")
+    hub_id = not os.path.exists(model) and model.count("/") == 1 and not model.startswith(".")
+    if hub_id:
+        from huggingface_hub import hf_hub_download
+        try:
+            path = hf_hub_download(model, "scheduler/scheduler_config.json")
+        except Exception:
+            return None
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f).get("shift", 1.0))
+
+
+def resolve_precision(mixed_precision, device):
+    """--mixed-precision on `device`: the name given, or the released default (fp16 on CUDA,
+    Flow-GRPO's config; fp32 elsewhere). A dtype the device cannot run is an error."""
+    device = torch.device(device)
+    precision = mixed_precision or ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} cannot "
+                         "compute in bf16; use fp16 or fp32")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("--mixed-precision fp16 does not run on the CPU (diffusers has no fp16 "
+                         "CPU pipeline); use bf16 or fp32 there")
+    return precision
+
+
+def weight_dtype(mixed_precision):
+    """dtype of the frozen weights (transformer, text encoders) for --mixed-precision bf16/fp16,
+    else fp32 (resolve_precision picks the default; the VAE and the trained LoRA: always fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def autocast(device, mixed_precision):
+    """torch.autocast for bf16/fp16 (None = fp16 on GPU, fp32 on CPU); a no-op context for fp32."""
+    precision = mixed_precision or ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def load_pipeline(model, device="cpu", dtype=torch.float32):
@@ -578,6 +735,39 @@ def load_pipeline(model, device="cpu", dtype=torch.float32):
     return pipe.to(device)
 
 
+def load_stage_pipeline(args, device):
+    """The frozen pipeline of a stage, under the released precision rule: the transformer (and the
+    teacher adapters on it) and the text encoders in --mixed-precision's dtype, the VAE in fp32
+    (decode runs in fp32); the LoRA a stage trains and its optimizer state are fp32
+    (make_optimizer).
+    Resolves args.mixed_precision on `device`, checks --resolution and --max-sequence-length, and
+    fills --shift from the scheduler when resolve_model_args could not."""
+    args.mixed_precision = resolve_precision(args.mixed_precision, device)
+    pipe = load_pipeline(args.model, device, weight_dtype(args.mixed_precision))
+    check_resolution(pipe, args.resolution)
+    check_sequence_length(pipe, args.max_sequence_length)
+    if args.shift is None:
+        args.shift = float(pipe.scheduler.config.shift)
+    return pipe
+
+
+def check_resolution(pipe, resolution):
+    """--resolution must give whole transformer patches: a multiple of the VAE factor x the patch size."""
+    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if resolution % multiple:
+        raise ValueError(f"--resolution {resolution} must be a multiple of {multiple} for this model "
+                         f"(VAE factor {pipe.vae_scale_factor} x patch size {pipe.transformer.config.patch_size})")
+
+
+def check_sequence_length(pipe, max_sequence_length):
+    """--max-sequence-length must fit the T5 tokenizer (without a T5 it only sets the padding)."""
+    t5 = pipe.text_encoder_3 is not None
+    limit = getattr(pipe.tokenizer_3, "model_max_length", None) if t5 else None
+    if limit and max_sequence_length > limit:
+        raise ValueError(f"--max-sequence-length {max_sequence_length} is above the T5 tokenizer's "
+                         f"limit of {limit} tokens: pass at most {limit} (released: 128)")
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts, max_sequence_length=256, device=None):
     """(cond, uncond) = ((prompt_embeds, pooled), (negative_embeds, negative_pooled)); negative = ""."""
@@ -585,15 +775,6 @@ def encode_prompts(pipe, prompts, max_sequence_length=256, device=None):
         prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=True,
         negative_prompt=[""] * len(prompts), max_sequence_length=max_sequence_length)
     return (embeds, pooled), (neg_embeds, neg_pooled)
-
-
-def initial_latents(pipe, resolution, generators, device):
-    """x_1 ~ N(0, I) in the pipeline's latent shape, one generator per sample."""
-    channels = pipe.transformer.config.in_channels
-    size = resolution // pipe.vae_scale_factor
-    from diffusers.utils.torch_utils import randn_tensor
-    return randn_tensor((len(generators), channels, size, size), generator=list(generators), device=device,
-                        dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -608,15 +789,6 @@ def decode(pipe, latents, batch_size=None):
             image = vae.decode(x.to(vae.dtype), return_dict=False)[0]
         images.append((image.float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(images)
-
-
-def sample_generators(seed, step, indices):
-    """One CPU generator per global sample index, seeded from (seed, step, index).
-
-    A sample's prompt and noise then do not depend on how many ranks share the batch.
-    """
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**32, step % 2**32, int(i) % 2**32]).generate_state(1)[0]))
-            for i in indices]
 
 
 def load_prompts(root, tasks, split="train"):
@@ -666,7 +838,53 @@ def parse_tasks(spec, root):
     return tasks
 
 
-# ----------------------------------------------------------------------------- distributed, logging, checkpoints
+def parse_teachers(spec):
+    """--teachers 'task=adapter,task=adapter' -> {task: adapter}; adapter = LoRA folder/file, hub id or 'base'."""
+    teachers = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        task, sep, adapter = item.partition("=")
+        if not sep or not task or not adapter:
+            raise ValueError(f"--teachers item {item!r}: expected task=adapter (e.g. ocr=out/teacher-ocr/final)")
+        if task in teachers:
+            raise ValueError(f"--teachers names task {task!r} twice")
+        teachers[task] = adapter
+    if not teachers:
+        raise ValueError("--teachers is empty: expected task=adapter,...")
+    return teachers
+
+
+def parse_rewards(spec, tasks):
+    """--reward: one spec for every task ('ocr', 'deqa:0.4,pickscore:0.6', 'mymod:fn',
+    'url:http://h:8000'), or per task ('geneval=toy:reward_geneval;ocr=toy:reward_ocr'); default
+    None = each task's reward named like the task."""
+    if spec is None:
+        return {t: t for t in tasks}
+    if not re.match(r"[\w-]+=", spec):  # an '=' inside a url: query is not a task
+        return {t: spec for t in tasks}
+    per_task = dict(item.split("=", 1) for item in spec.split(";") if item)
+    missing = sorted(set(tasks) - set(per_task))
+    if missing:
+        raise ValueError(f"--reward gives no reward for task(s) {missing}; it names {sorted(per_task)}")
+    return per_task
+
+
+def score(reward_fns, images, prompts):
+    """Each sample scored by its own task's reward function -> float Tensor[B]."""
+    out = torch.zeros(len(prompts))
+    for task in sorted({p.task for p in prompts}):
+        idx = [i for i, p in enumerate(prompts) if p.task == task]
+        values = np.asarray(reward_fns[task](images[idx], [prompts[i].text for i in idx],
+                                             [prompts[i].metadata for i in idx]), dtype=np.float32)
+        bad = [i for i, v in zip(idx, values) if not np.isfinite(v)]
+        if bad:  # a NaN reward would silently zero its group's advantages
+            raise FloatingPointError(f"the {task!r} reward is {values[idx.index(bad[0])]} for prompt "
+                                     f"{prompts[bad[0]].text!r}, expected a finite number: stopping")
+        out[idx] = torch.as_tensor(values)
+    return out
+
+
+# -------------------------------------------------------------------------------- 11. distributed
+
 
 def setup_distributed(device=None, threads=None, timeout=600):
     """DDP under torchrun (nccl on GPU, gloo on CPU), or a single plain-python process.
@@ -742,6 +960,124 @@ def all_mean(value, device):
             dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.item()
+
+
+def gather_objects(obj, what="gathering objects from every process"):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list on one process);
+    [0] of it is rank 0's object everywhere, a broadcast."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    with collective(what):
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def average_gradients(params):
+    """Sum the LoRA gradients over ranks. Each rank's loss is already divided by the GLOBAL sample
+    count, so the sum is the gradient of the global mean: the same update as one process."""
+    if dist.is_initialized():
+        with collective("summing the LoRA gradients over processes"):
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+
+
+def broadcast_params(params):
+    """Start every rank from rank 0's trainable weights."""
+    if dist.is_initialized():
+        with collective("broadcasting the initial LoRA from rank 0"):
+            for p in params:
+                dist.broadcast(p.data, 0)
+
+
+def local_slice(n, rank, world_size, what="samples per step"):
+    """This rank's contiguous share of n global items (n must divide evenly)."""
+    if n % world_size:
+        raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({world_size})")
+    per = n // world_size
+    return slice(rank * per, (rank + 1) * per)
+
+
+def minibatches(n_local, updates_per_step):
+    """This process's samples split into --updates-per-step minibatches: update k trains on the samples
+    j with j % U == k, the same global samples however many processes share the batch."""
+    if n_local % updates_per_step:
+        raise ValueError(f"samples per process ({n_local}) must divide into --updates-per-step "
+                         f"({updates_per_step}) equal minibatches")
+    return [torch.arange(k, n_local, updates_per_step) for k in range(updates_per_step)]
+
+
+# --------------------------------------------- 12. optimizer, metrics, evaluation during training
+
+
+def make_optimizer(transformer, args):
+    """The transformer's trainable (LoRA) parameters in fp32, whatever the autocast dtype, and equal on
+    every rank; AdamW over them and the optional EMA (--ema). Returns (params, optimizer, ema or None)."""
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    broadcast_params(params)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return params, optimizer, EMA(params, args.ema) if args.ema else None
+
+
+class EMA:
+    """Exponential moving average of the trained LoRA weights (--ema DECAY): after every training
+    step, shadow <- decay * shadow + (1 - decay) * weights, in fp32. It is saved in checkpoints and,
+    when on, written as the final LoRA (save_final); training itself uses the raw weights."""
+
+    def __init__(self, params, decay):
+        check_ema(decay)
+        self.params, self.decay = list(params), decay
+        self.reset()
+
+    def reset(self):
+        """Start the average at the current weights."""
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self):
+        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state):
+        """A checkpoint's EMA state; None (a checkpoint of a run without --ema) starts the average here."""
+        if state is None:
+            return self.reset()
+        for s, saved in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(saved)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in the model for the duration of the block, the raw ones after it."""
+        raw = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, raw):
+                    p.copy_(w)
+
+
+def check_ema(decay):
+    """--ema: None (off) or a decay in (0, 1)."""
+    if decay is not None and not 0 < decay < 1:
+        raise ValueError(f"--ema must be a decay in (0, 1), e.g. 0.99, got {decay}")
+
+
+def check_finite(value, what, out_dir):
+    """Stop with a clear message (the last good checkpoint is kept) when a loss or KL is NaN/inf."""
+    if not math.isfinite(float(value)):
+        raise FloatingPointError(f"{what} is {float(value)}, expected a finite number: stopping. The last good "
+                                 f"checkpoint in {out_dir!r} is intact; resume from it with --resume auto "
+                                 "(consider a lower --lr)")
 
 
 class MetricsLogger:
@@ -849,6 +1185,199 @@ def _json_or_none(line):
         return None
 
 
+def step_summary(row, keys):
+    """A progress bar's postfix: the step's key numbers, e.g. 'reward_mean=0.512 kl=0.00123'."""
+    return " ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))
+
+
+def save_grid(images, path, nrow):
+    """Save float images [B, 3, H, W] in [0, 1] as one PNG grid with `nrow` images per row."""
+    from PIL import Image
+    b, _, h, w = images.shape
+    rows = math.ceil(b / nrow)
+    grid = torch.ones(3, rows * h, nrow * w)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+def save_eval_grid(pipe, prompts, args, step, guidance_scale):
+    """<out>/grids/step-N.png: ODE samples of fixed test prompts and seeds, so grids of different
+    steps (and runs) compare image by image."""
+    images = generate(pipe, [p.text for p in prompts], sample_generators(args.seed, -1, range(len(prompts))),
+                      steps=args.steps, guidance_scale=guidance_scale, resolution=args.resolution,
+                      max_sequence_length=args.max_sequence_length, shift=args.shift,
+                      batch_size=args.sample_batch, device=pipe.transformer.device)
+    os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
+    path = os.path.join(args.out, "grids", f"step-{step + 1:05d}.png")
+    save_grid(images, path, nrow=len(prompts))
+    return path
+
+
+def eval_items(prompts, images_per_prompt=1):
+    """Items (task, i, j, prompt) of an evaluation: i counts the prompts of each task, j the images
+    of a prompt (evaluate.py and the trainers' held-out evaluation)."""
+    if not 1 <= images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+        raise ValueError(f"--images-per-prompt must be in 1..{MAX_IMAGES_PER_PROMPT}, "
+                         f"got {images_per_prompt}")
+    counts, items = {}, []
+    for p in prompts:
+        i = counts[p.task] = counts.get(p.task, -1) + 1
+        items.extend(EvalItem(p.task, i, j, p) for j in range(images_per_prompt))
+    return items
+
+
+def eval_generators(seed, items):
+    """The noise of (task, prompt i, image j): depends on nothing else, so every model sees the
+    same."""
+    # crc32, unlike hash(), is the same in every process
+    return [sample_generators(seed, zlib.crc32(it.task.encode()),
+                              [it.i * MAX_IMAGES_PER_PROMPT + it.j])[0] for it in items]
+
+
+def generate_items(pipe, items, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
+                   batch_size, device, mixed_precision=None):
+    """Float images [N, 3, H, W] in [0, 1] of the items, with the ODE sampler and their fixed
+    noise."""
+    with autocast(torch.device(device), mixed_precision):
+        return generate(pipe, [it.prompt.text for it in items], eval_generators(seed, items),
+                        steps=steps, guidance_scale=guidance_scale, resolution=resolution,
+                        max_sequence_length=max_sequence_length, shift=shift,
+                        batch_size=batch_size, device=device)
+
+
+class HeldOut:
+    """--eval-every N --eval-prompts K: the held-out metrics of a run, and its best checkpoint.
+
+    Every N steps (and at the last) the first K test prompts of each task are sampled with the ODE
+    at the eval settings (--eval-steps, the stage's CFG) and evaluate.py's noise, so the numbers
+    equal `evaluate.py --limit K` on the same LoRA; each task's images are scored by its metric and
+    every image by the quality metric (deqa). The values join the step's metrics row as
+    heldout/<column> (and heldout/<column>_se), and heldout/average (rewards.evaluate_images).
+    <out>/best/ keeps the LoRA (EMA when on) of the best heldout/<--select-by>, with best.json;
+    <out>/heldout.jsonl keeps every evaluation's per-image scores.
+
+    The hacking signature: the training signal (GRPO's reward, OPD's -KL to the teachers) rose
+    while the held-out quality fell by more than 2 paired standard errors (same prompts and noise)
+    since the evaluation HACKING_WINDOW - 1 back: a warning line; --stop-on-hacking stops the run.
+
+    scorer(items, images) -> (table row with "average", per-image results): rewards.evaluate_images
+    with the metrics; columns: the metric columns; signal: (name, metrics row -> training signal).
+    """
+
+    def __init__(self, args, prompts, scorer, columns, signal, guidance_scale):
+        choices = sorted(columns) + ["average"]
+        if args.select_by not in choices:
+            raise ValueError(f"--select-by {args.select_by!r} is not a held-out metric of this "
+                             f"run; choose one of {choices}")
+        check_positive(eval_steps=args.eval_steps)
+        self.args, self.scorer, self.signal = args, scorer, signal
+        self.guidance_scale = guidance_scale
+        self.items = [it for it in eval_items(prompts) if it.i < args.eval_prompts]
+        self.history, self.signals, self.enabled = [], [], False
+
+    def resume(self, resume_step, enabled):
+        """Start (resume_step -1) or continue after a checkpoint's step, logging on rank 0 when
+        enabled: evaluations past the checkpoint are dropped, and so is a best/ saved after it."""
+        self.enabled, resumed = enabled, resume_step >= 0
+        self.log = MetricsLogger(self.args.out, enabled, resume_step if resumed else None,
+                                 file="heldout.jsonl")
+        if not enabled:
+            return
+        if not resumed and os.path.exists(self.log.path):
+            os.remove(self.log.path)  # a fresh run: an old run's evaluations must not compete
+        with open(self.log.path, "a+") as f:
+            f.seek(0)
+            self.history = [row for row in map(_json_or_none, f) if row is not None]
+        best_file = os.path.join(self.args.out, "best", "best.json")
+        if os.path.isfile(best_file):
+            with open(best_file) as f:
+                if json.load(f)["step"] > resume_step:  # saved after the checkpoint: made again
+                    shutil.rmtree(os.path.join(self.args.out, "best"))
+        last = self.history[-1]["step"] if self.history else -1
+        metrics = os.path.join(self.args.out, "metrics.jsonl")
+        if resumed and os.path.exists(metrics):
+            with open(metrics) as f:
+                self.signals = [self.signal[1](row) for row in map(_json_or_none, f)
+                                if row is not None and last < row["step"] <= resume_step]
+
+    def best(self):
+        """The best evaluation so far (a heldout.jsonl row), or None."""
+        key = f"heldout/{self.args.select_by}"
+        return max(self.history, key=lambda row: row[key], default=None)
+
+    def due(self, step):
+        every = self.args.eval_every
+        return bool(every) and ((step + 1) % every == 0 or step + 1 == self.args.max_steps)
+
+    def update(self, pipe, step, row, adapter_name, ema=None):
+        """After training step `step`; on an evaluation step: evaluate (rank 0), add the held-out
+        values to `row`, keep best/, check for hacking. Call it on every rank; returns whether the
+        run stops (--stop-on-hacking)."""
+        self.signals.append(self.signal[1](row))
+        if not self.due(step):
+            return False
+        hacking = False
+        if self.enabled:
+            with ema.applied() if ema else contextlib.nullcontext():
+                hacking = self._evaluate(pipe, step, row, adapter_name)
+        stop = hacking and self.args.stop_on_hacking
+        return all_mean(float(stop), pipe.transformer.device) > 0
+
+    def _evaluate(self, pipe, step, row, adapter_name):
+        args = self.args
+        images = generate_items(pipe, self.items, args.seed, args.eval_steps, self.guidance_scale,
+                                args.resolution, args.max_sequence_length, args.shift,
+                                args.micro_batch, pipe.transformer.device, args.mixed_precision)
+        table, results = self.scorer(self.items, images)
+        values = {}
+        for column in table["n"]:
+            values[f"heldout/{column}"] = table[column]
+            values[f"heldout/{column}_se"] = table["stderr"][column]
+        values["heldout/average"] = table["average"]
+        scores = {c: [r["scores"][c] for r in results if c in r["scores"]] for c in table["n"]}
+        entry = {"step": step, "signal": float(np.mean(self.signals)), **values, "scores": scores}
+        self.signals = []
+        previous = self.best()
+        self.history.append(entry)
+        self.log.log(entry)
+        key = f"heldout/{args.select_by}"
+        if previous is None or entry[key] > previous[key]:
+            with atomic_folder(os.path.join(args.out, "best")) as tmp:
+                save_lora(pipe.transformer, adapter_name, tmp)
+                with open(os.path.join(tmp, "best.json"), "w") as f:
+                    json.dump({"step": step, "select_by": key, **values}, f, indent=1)
+        warning = hacking_warning(self.history, self.signal[0], self.best()["step"])
+        values["heldout/hacking"] = float(warning is not None)
+        row.update(values)
+        if warning:
+            from tqdm import tqdm
+            stopping = "; stopping (--stop-on-hacking)" if args.stop_on_hacking else ""
+            tqdm.write(f"step {step}: {warning}{stopping}")
+        return warning is not None
+
+
+def hacking_warning(history, signal_name, best_step, quality="deqa"):
+    """The hacking signature over held-out evaluations (HeldOut's history): the training signal
+    rose and the quality metric fell by more than 2 paired standard errors since HACKING_WINDOW - 1
+    evaluations back. Returns the warning sentence, or None."""
+    if len(history) < HACKING_WINDOW or quality not in history[-1]["scores"]:
+        return None
+    then, now = history[-HACKING_WINDOW], history[-1]
+    diffs = np.subtract(now["scores"][quality], then["scores"][quality])
+    se = diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    if not (now["signal"] > then["signal"] and diffs.mean() < -2 * se):
+        return None
+    key = f"heldout/{quality}"
+    return (f"reward hacking? the {signal_name} rose {then['signal']:.4g} -> {now['signal']:.4g} "
+            f"while held-out {quality} fell {then[key]:.4g} -> {now[key]:.4g} (paired s.e. "
+            f"{se:.2g}) since step {then['step']}; best/ holds step {best_step}")
+
+
+# --------------------------------------------------------------------- 13. checkpoints and faults
+
+
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -864,15 +1393,12 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def gather_objects(obj, what="gathering objects from every process"):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list on one process);
-    [0] of it is rank 0's object everywhere, a broadcast."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    with collective(what):
-        dist.all_gather_object(out, obj)
-    return out
+def rank_rng(saved):
+    """This rank's RNG state from a checkpoint's per-rank list (rank 0's when the number of processes changed)."""
+    if isinstance(saved, dict):  # one state, not a list per rank
+        return saved
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return saved[rank] if len(saved) == (dist.get_world_size() if dist.is_initialized() else 1) else saved[0]
 
 
 def fault_point(where, n):
@@ -990,70 +1516,25 @@ def load_checkpoint_state(path):
                          "to resume from the one before it") from None
 
 
-def rank_rng(saved):
-    """This rank's RNG state from a checkpoint's per-rank list (rank 0's when the number of processes changed)."""
-    if isinstance(saved, dict):  # one state, not a list per rank
-        return saved
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return saved[rank] if len(saved) == (dist.get_world_size() if dist.is_initialized() else 1) else saved[0]
+def training_state(optimizer, ema=None):
+    """What a checkpoint's state.pt holds besides the step and the RNGs."""
+    return {"optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None}
 
 
-def check_finite(value, what, out_dir):
-    """Stop with a clear message (the last good checkpoint is kept) when a loss or KL is NaN/inf."""
-    if not math.isfinite(float(value)):
-        raise FloatingPointError(f"{what} is {float(value)}, expected a finite number: stopping. The last good "
-                                 f"checkpoint in {out_dir!r} is intact; resume from it with --resume auto "
-                                 "(consider a lower --lr)")
-
-
-class EMA:
-    """Exponential moving average of the trained LoRA weights (--ema DECAY): after every training
-    step, shadow <- decay * shadow + (1 - decay) * weights, in fp32. It is saved in checkpoints and,
-    when on, written as the final LoRA (save_final); training itself uses the raw weights."""
-
-    def __init__(self, params, decay):
-        check_ema(decay)
-        self.params, self.decay = list(params), decay
-        self.reset()
-
-    def reset(self):
-        """Start the average at the current weights."""
-        self.shadow = [p.detach().float().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self):
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - self.decay)
-
-    def state_dict(self):
-        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
-
-    def load_state_dict(self, state):
-        """A checkpoint's EMA state; None (a checkpoint of a run without --ema) starts the average here."""
-        if state is None:
-            return self.reset()
-        for s, saved in zip(self.shadow, state["shadow"], strict=True):
-            s.copy_(saved)
-
-    @contextlib.contextmanager
-    def applied(self):
-        """The averaged weights in the model for the duration of the block, the raw ones after it."""
-        raw = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, w in zip(self.params, raw):
-                    p.copy_(w)
-
-
-def check_ema(decay):
-    """--ema: None (off) or a decay in (0, 1)."""
-    if decay is not None and not 0 < decay < 1:
-        raise ValueError(f"--ema must be a decay in (0, 1), e.g. 0.99, got {decay}")
+def resume_training(args, transformer, adapter_name, optimizer, ema=None):
+    """--resume: restore the LoRA, optimizer, EMA and this rank's RNG of a checkpoint; returns (first
+    step, checkpoint or None). The data position needs no state: a step's prompts and noise are a
+    function of (seed, step, sample index), and the learning rate is constant (no scheduler)."""
+    checkpoint = find_checkpoint(args.resume, args.out)
+    if not checkpoint:
+        return 0, None
+    state = load_checkpoint_state(checkpoint)
+    restore_lora(transformer, adapter_name, checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state.get("ema"))
+    set_rng_state(rank_rng(state["rng"]))
+    return state["step"] + 1, checkpoint
 
 
 def save_final(transformer, adapter_name, out_dir, ema=None):
@@ -1063,19 +1544,25 @@ def save_final(transformer, adapter_name, out_dir, ema=None):
         save_lora(transformer, adapter_name, tmp)
 
 
-def save_grid(images, path, nrow):
-    """Save float images [B, 3, H, W] in [0, 1] as one PNG grid with `nrow` images per row."""
-    from PIL import Image
-    b, _, h, w = images.shape
-    rows = math.ceil(b / nrow)
-    grid = torch.ones(3, rows * h, nrow * w)
-    for i, img in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+def print_outputs(out_dir):
+    """A stage's last line: what it wrote under out_dir."""
+    wrote = []
+    for name, what in [("final", "the LoRA"), ("best", None), ("metrics.jsonl", None),
+                       ("heldout.jsonl", None), ("grids", "eval grids"),
+                       ("samples", "teacher samples"), ("tensorboard", None), ("wandb", None)]:
+        path = os.path.join(out_dir, name)
+        if name == "best" and os.path.isfile(os.path.join(path, "best.json")):
+            with open(os.path.join(path, "best.json")) as f:
+                best = json.load(f)
+            what = f"step {best['step']}, {best['select_by']} {best[best['select_by']]:.4g}"
+        if os.path.exists(path):
+            folder = os.sep if os.path.isdir(path) else ""
+            wrote.append(f"{path}{folder}" + (f" ({what})" if what else ""))
+    print("wrote " + ", ".join(wrote), flush=True)
 
 
-# ----------------------------------------------------------------------------- shared command-line flags
+# ------------------------------------------------------------------------------- 14. command line
+
 
 def add_model_args(parser, model="stabilityai/stable-diffusion-3.5-medium"):
     """Flags every stage shares. Sizes default to None = the released settings (512 px, 128 T5
@@ -1210,414 +1697,11 @@ def resolve_model_args(args):
     return args
 
 
-def scheduler_shift(model):
-    """The shift of the model's FlowMatchEulerDiscreteScheduler, from its
-    scheduler/scheduler_config.json (a local folder, or a hub id: cache or hub); None when it cannot
-    be read (load_pipeline then says why, and load_stage_pipeline takes the loaded scheduler's)."""
-    path = os.path.join(model, "scheduler", "scheduler_config.json")
-    hub_id = not os.path.exists(model) and model.count("/") == 1 and not model.startswith(".")
-    if hub_id:
-        from huggingface_hub import hf_hub_download
-        try:
-            path = hf_hub_download(model, "scheduler/scheduler_config.json")
-        except Exception:
-            return None
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return float(json.load(f).get("shift", 1.0))
-
-
-def check_resolution(pipe, resolution):
-    """--resolution must give whole transformer patches: a multiple of the VAE factor x the patch size."""
-    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
-    if resolution % multiple:
-        raise ValueError(f"--resolution {resolution} must be a multiple of {multiple} for this model "
-                         f"(VAE factor {pipe.vae_scale_factor} x patch size {pipe.transformer.config.patch_size})")
-
-
-def check_sequence_length(pipe, max_sequence_length):
-    """--max-sequence-length must fit the T5 tokenizer (without a T5 it only sets the padding)."""
-    t5 = pipe.text_encoder_3 is not None
-    limit = getattr(pipe.tokenizer_3, "model_max_length", None) if t5 else None
-    if limit and max_sequence_length > limit:
-        raise ValueError(f"--max-sequence-length {max_sequence_length} is above the T5 tokenizer's "
-                         f"limit of {limit} tokens: pass at most {limit} (released: 128)")
-
-
-def resolve_precision(mixed_precision, device):
-    """--mixed-precision on `device`: the name given, or the released default (fp16 on CUDA,
-    Flow-GRPO's config; fp32 elsewhere). A dtype the device cannot run is an error."""
-    device = torch.device(device)
-    precision = mixed_precision or ("fp16" if device.type == "cuda" else "fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} cannot "
-                         "compute in bf16; use fp16 or fp32")
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("--mixed-precision fp16 does not run on the CPU (diffusers has no fp16 "
-                         "CPU pipeline); use bf16 or fp32 there")
-    return precision
-
-
-def load_stage_pipeline(args, device):
-    """The frozen pipeline of a stage, under the released precision rule: the transformer (and the
-    teacher adapters on it) and the text encoders in --mixed-precision's dtype, the VAE in fp32
-    (decode runs in fp32); the LoRA a stage trains and its optimizer state are fp32
-    (make_optimizer).
-    Resolves args.mixed_precision on `device`, checks --resolution and --max-sequence-length, and
-    fills --shift from the scheduler when resolve_model_args could not."""
-    args.mixed_precision = resolve_precision(args.mixed_precision, device)
-    pipe = load_pipeline(args.model, device, weight_dtype(args.mixed_precision))
-    check_resolution(pipe, args.resolution)
-    check_sequence_length(pipe, args.max_sequence_length)
-    if args.shift is None:
-        args.shift = float(pipe.scheduler.config.shift)
-    return pipe
-
-
-def autocast(device, mixed_precision):
-    """torch.autocast for bf16/fp16 (None = fp16 on GPU, fp32 on CPU); a no-op context for fp32."""
-    precision = mixed_precision or ("fp16" if device.type == "cuda" else "fp32")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def check_positive(**values):
     """One clear error for sizes that must be positive integers (batch sizes, steps, ...)."""
     for name, value in values.items():
         if value is None or value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-
-
-@torch.no_grad()
-def generate(pipe, texts, generators, steps=40, guidance_scale=4.5, resolution=512, max_sequence_length=256,
-             shift=3.0, batch_size=16, noise_level=0.0, device="cpu", return_latents=False):
-    """Images for `texts` with the transformer's active adapter; the evaluation protocol by default
-    (ODE = the Euler sampler of StableDiffusion3Pipeline, CFG). One generator per text fixes its noise.
-    Returns float images [N, 3, H, W] in [0, 1] (and the final latents when return_latents)."""
-    images, finals = [], []
-    for i in range(0, len(texts), batch_size):
-        chunk, gens = texts[i:i + batch_size], generators[i:i + batch_size]
-        cond, uncond = encode_prompts(pipe, chunk, max_sequence_length, device)
-        latents = initial_latents(pipe, resolution, gens, device)
-        x = rollout(pipe.transformer, cond, uncond, latents, timesteps(steps, shift), guidance_scale, noise_level,
-                    generator=gens).xs[:, -1]
-        finals.append(x)
-        images.append(decode(pipe, x).cpu())
-    images = torch.cat(images)
-    return (images, torch.cat(finals)) if return_latents else images
-
-
-def eval_items(prompts, images_per_prompt=1):
-    """Items (task, i, j, prompt) of an evaluation: i counts the prompts of each task, j the images
-    of a prompt (evaluate.py and the trainers' held-out evaluation)."""
-    if not 1 <= images_per_prompt <= MAX_IMAGES_PER_PROMPT:
-        raise ValueError(f"--images-per-prompt must be in 1..{MAX_IMAGES_PER_PROMPT}, "
-                         f"got {images_per_prompt}")
-    counts, items = {}, []
-    for p in prompts:
-        i = counts[p.task] = counts.get(p.task, -1) + 1
-        items.extend(EvalItem(p.task, i, j, p) for j in range(images_per_prompt))
-    return items
-
-
-def eval_generators(seed, items):
-    """The noise of (task, prompt i, image j): depends on nothing else, so every model sees the
-    same."""
-    # crc32, unlike hash(), is the same in every process
-    return [sample_generators(seed, zlib.crc32(it.task.encode()),
-                              [it.i * MAX_IMAGES_PER_PROMPT + it.j])[0] for it in items]
-
-
-def generate_items(pipe, items, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
-                   batch_size, device, mixed_precision=None):
-    """Float images [N, 3, H, W] in [0, 1] of the items, with the ODE sampler and their fixed
-    noise."""
-    with autocast(torch.device(device), mixed_precision):
-        return generate(pipe, [it.prompt.text for it in items], eval_generators(seed, items),
-                        steps=steps, guidance_scale=guidance_scale, resolution=resolution,
-                        max_sequence_length=max_sequence_length, shift=shift,
-                        batch_size=batch_size, device=device)
-
-
-def parse_teachers(spec):
-    """--teachers 'task=adapter,task=adapter' -> {task: adapter}; adapter = LoRA folder/file, hub id or 'base'."""
-    teachers = {}
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        task, sep, adapter = item.partition("=")
-        if not sep or not task or not adapter:
-            raise ValueError(f"--teachers item {item!r}: expected task=adapter (e.g. ocr=out/teacher-ocr/final)")
-        if task in teachers:
-            raise ValueError(f"--teachers names task {task!r} twice")
-        teachers[task] = adapter
-    if not teachers:
-        raise ValueError("--teachers is empty: expected task=adapter,...")
-    return teachers
-
-
-def average_gradients(params):
-    """Sum the LoRA gradients over ranks. Each rank's loss is already divided by the GLOBAL sample
-    count, so the sum is the gradient of the global mean: the same update as one process."""
-    if dist.is_initialized():
-        with collective("summing the LoRA gradients over processes"):
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-
-
-def broadcast_params(params):
-    """Start every rank from rank 0's trainable weights."""
-    if dist.is_initialized():
-        with collective("broadcasting the initial LoRA from rank 0"):
-            for p in params:
-                dist.broadcast(p.data, 0)
-
-
-def weight_dtype(mixed_precision):
-    """dtype of the frozen weights (transformer, text encoders) for --mixed-precision bf16/fp16,
-    else fp32 (resolve_precision picks the default; the VAE and the trained LoRA: always fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-
-
-def minibatches(n_local, updates_per_step):
-    """This process's samples split into --updates-per-step minibatches: update k trains on the samples
-    j with j % U == k, the same global samples however many processes share the batch."""
-    if n_local % updates_per_step:
-        raise ValueError(f"samples per process ({n_local}) must divide into --updates-per-step "
-                         f"({updates_per_step}) equal minibatches")
-    return [torch.arange(k, n_local, updates_per_step) for k in range(updates_per_step)]
-
-
-def make_optimizer(transformer, args):
-    """The transformer's trainable (LoRA) parameters in fp32, whatever the autocast dtype, and equal on
-    every rank; AdamW over them and the optional EMA (--ema). Returns (params, optimizer, ema or None)."""
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    broadcast_params(params)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return params, optimizer, EMA(params, args.ema) if args.ema else None
-
-
-def restore_lora(transformer, name, path):
-    """Load the LoRA weights saved in a checkpoint folder into the existing adapter `name`."""
-    from peft.utils import set_peft_model_state_dict
-    state, _ = read_lora(path)
-    result = set_peft_model_state_dict(transformer, state, adapter_name=name)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
-    if unexpected:
-        raise ValueError(f"checkpoint {path!r} does not fit the {name} LoRA (--rank?): {unexpected[:3]}")
-
-
-def step_prompts(num_prompts, batch_size, seed, step):
-    """The global batch of prompt indices of a training step, a function of (seed, step) only."""
-    rng = np.random.default_rng([seed, step])
-    return rng.choice(num_prompts, batch_size, replace=num_prompts < batch_size)
-
-
-def group_prompt_ids(num_prompts, batch_size, group_size, seed, step):
-    """Prompt index of each of a step's batch_size x group_size samples: G consecutive samples share
-    one prompt, the group that (GRPO)'s advantages normalise over."""
-    return np.repeat(step_prompts(num_prompts, batch_size, seed, step), group_size)
-
-
-def local_slice(n, rank, world_size, what="samples per step"):
-    """This rank's contiguous share of n global items (n must divide evenly)."""
-    if n % world_size:
-        raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({world_size})")
-    per = n // world_size
-    return slice(rank * per, (rank + 1) * per)
-
-
-def parse_rewards(spec, tasks):
-    """--reward: one spec for every task ('ocr', 'deqa:0.4,pickscore:0.6', 'mymod:fn',
-    'url:http://h:8000'), or per task ('geneval=toy:reward_geneval;ocr=toy:reward_ocr'); default
-    None = each task's reward named like the task."""
-    if spec is None:
-        return {t: t for t in tasks}
-    if not re.match(r"[\w-]+=", spec):  # an '=' inside a url: query is not a task
-        return {t: spec for t in tasks}
-    per_task = dict(item.split("=", 1) for item in spec.split(";") if item)
-    missing = sorted(set(tasks) - set(per_task))
-    if missing:
-        raise ValueError(f"--reward gives no reward for task(s) {missing}; it names {sorted(per_task)}")
-    return per_task
-
-
-def score(reward_fns, images, prompts):
-    """Each sample scored by its own task's reward function -> float Tensor[B]."""
-    out = torch.zeros(len(prompts))
-    for task in sorted({p.task for p in prompts}):
-        idx = [i for i, p in enumerate(prompts) if p.task == task]
-        values = np.asarray(reward_fns[task](images[idx], [prompts[i].text for i in idx],
-                                             [prompts[i].metadata for i in idx]), dtype=np.float32)
-        bad = [i for i, v in zip(idx, values) if not np.isfinite(v)]
-        if bad:  # a NaN reward would silently zero its group's advantages
-            raise FloatingPointError(f"the {task!r} reward is {values[idx.index(bad[0])]} for prompt "
-                                     f"{prompts[bad[0]].text!r}, expected a finite number: stopping")
-        out[idx] = torch.as_tensor(values)
-    return out
-
-
-def save_eval_grid(pipe, prompts, args, step, guidance_scale):
-    """<out>/grids/step-N.png: ODE samples of fixed test prompts and seeds, so grids of different
-    steps (and runs) compare image by image."""
-    images = generate(pipe, [p.text for p in prompts], sample_generators(args.seed, -1, range(len(prompts))),
-                      steps=args.steps, guidance_scale=guidance_scale, resolution=args.resolution,
-                      max_sequence_length=args.max_sequence_length, shift=args.shift,
-                      batch_size=args.sample_batch, device=pipe.transformer.device)
-    os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
-    path = os.path.join(args.out, "grids", f"step-{step + 1:05d}.png")
-    save_grid(images, path, nrow=len(prompts))
-    return path
-
-
-HACKING_WINDOW = 3  # the hacking check compares an evaluation with the one 2 evaluations back
-
-
-class HeldOut:
-    """--eval-every N --eval-prompts K: the held-out metrics of a run, and its best checkpoint.
-
-    Every N steps (and at the last) the first K test prompts of each task are sampled with the ODE
-    at the eval settings (--eval-steps, the stage's CFG) and evaluate.py's noise, so the numbers
-    equal `evaluate.py --limit K` on the same LoRA; each task's images are scored by its metric and
-    every image by the quality metric (deqa). The values join the step's metrics row as
-    heldout/<column> (and heldout/<column>_se), and heldout/average (rewards.evaluate_images).
-    <out>/best/ keeps the LoRA (EMA when on) of the best heldout/<--select-by>, with best.json;
-    <out>/heldout.jsonl keeps every evaluation's per-image scores.
-
-    The hacking signature: the training signal (GRPO's reward, OPD's -KL to the teachers) rose
-    while the held-out quality fell by more than 2 paired standard errors (same prompts and noise)
-    since the evaluation HACKING_WINDOW - 1 back: a warning line; --stop-on-hacking stops the run.
-
-    scorer(items, images) -> (table row with "average", per-image results): rewards.evaluate_images
-    with the metrics; columns: the metric columns; signal: (name, metrics row -> training signal).
-    """
-
-    def __init__(self, args, prompts, scorer, columns, signal, guidance_scale):
-        choices = sorted(columns) + ["average"]
-        if args.select_by not in choices:
-            raise ValueError(f"--select-by {args.select_by!r} is not a held-out metric of this "
-                             f"run; choose one of {choices}")
-        check_positive(eval_steps=args.eval_steps)
-        self.args, self.scorer, self.signal = args, scorer, signal
-        self.guidance_scale = guidance_scale
-        self.items = [it for it in eval_items(prompts) if it.i < args.eval_prompts]
-        self.history, self.signals, self.enabled = [], [], False
-
-    def resume(self, resume_step, enabled):
-        """Start (resume_step -1) or continue after a checkpoint's step, logging on rank 0 when
-        enabled: evaluations past the checkpoint are dropped, and so is a best/ saved after it."""
-        self.enabled, resumed = enabled, resume_step >= 0
-        self.log = MetricsLogger(self.args.out, enabled, resume_step if resumed else None,
-                                 file="heldout.jsonl")
-        if not enabled:
-            return
-        if not resumed and os.path.exists(self.log.path):
-            os.remove(self.log.path)  # a fresh run: an old run's evaluations must not compete
-        with open(self.log.path, "a+") as f:
-            f.seek(0)
-            self.history = [row for row in map(_json_or_none, f) if row is not None]
-        best_file = os.path.join(self.args.out, "best", "best.json")
-        if os.path.isfile(best_file):
-            with open(best_file) as f:
-                if json.load(f)["step"] > resume_step:  # saved after the checkpoint: made again
-                    shutil.rmtree(os.path.join(self.args.out, "best"))
-        last = self.history[-1]["step"] if self.history else -1
-        metrics = os.path.join(self.args.out, "metrics.jsonl")
-        if resumed and os.path.exists(metrics):
-            with open(metrics) as f:
-                self.signals = [self.signal[1](row) for row in map(_json_or_none, f)
-                                if row is not None and last < row["step"] <= resume_step]
-
-    def best(self):
-        """The best evaluation so far (a heldout.jsonl row), or None."""
-        key = f"heldout/{self.args.select_by}"
-        return max(self.history, key=lambda row: row[key], default=None)
-
-    def due(self, step):
-        every = self.args.eval_every
-        return bool(every) and ((step + 1) % every == 0 or step + 1 == self.args.max_steps)
-
-    def update(self, pipe, step, row, adapter_name, ema=None):
-        """After training step `step`; on an evaluation step: evaluate (rank 0), add the held-out
-        values to `row`, keep best/, check for hacking. Call it on every rank; returns whether the
-        run stops (--stop-on-hacking)."""
-        self.signals.append(self.signal[1](row))
-        if not self.due(step):
-            return False
-        hacking = False
-        if self.enabled:
-            with ema.applied() if ema else contextlib.nullcontext():
-                hacking = self._evaluate(pipe, step, row, adapter_name)
-        stop = hacking and self.args.stop_on_hacking
-        return all_mean(float(stop), pipe.transformer.device) > 0
-
-    def _evaluate(self, pipe, step, row, adapter_name):
-        args = self.args
-        images = generate_items(pipe, self.items, args.seed, args.eval_steps, self.guidance_scale,
-                                args.resolution, args.max_sequence_length, args.shift,
-                                args.micro_batch, pipe.transformer.device, args.mixed_precision)
-        table, results = self.scorer(self.items, images)
-        values = {}
-        for column in table["n"]:
-            values[f"heldout/{column}"] = table[column]
-            values[f"heldout/{column}_se"] = table["stderr"][column]
-        values["heldout/average"] = table["average"]
-        scores = {c: [r["scores"][c] for r in results if c in r["scores"]] for c in table["n"]}
-        entry = {"step": step, "signal": float(np.mean(self.signals)), **values, "scores": scores}
-        self.signals = []
-        previous = self.best()
-        self.history.append(entry)
-        self.log.log(entry)
-        key = f"heldout/{args.select_by}"
-        if previous is None or entry[key] > previous[key]:
-            with atomic_folder(os.path.join(args.out, "best")) as tmp:
-                save_lora(pipe.transformer, adapter_name, tmp)
-                with open(os.path.join(tmp, "best.json"), "w") as f:
-                    json.dump({"step": step, "select_by": key, **values}, f, indent=1)
-        warning = hacking_warning(self.history, self.signal[0], self.best()["step"])
-        values["heldout/hacking"] = float(warning is not None)
-        row.update(values)
-        if warning:
-            from tqdm import tqdm
-            stopping = "; stopping (--stop-on-hacking)" if args.stop_on_hacking else ""
-            tqdm.write(f"step {step}: {warning}{stopping}")
-        return warning is not None
-
-
-def hacking_warning(history, signal_name, best_step, quality="deqa"):
-    """The hacking signature over held-out evaluations (HeldOut's history): the training signal
-    rose and the quality metric fell by more than 2 paired standard errors since HACKING_WINDOW - 1
-    evaluations back. Returns the warning sentence, or None."""
-    if len(history) < HACKING_WINDOW or quality not in history[-1]["scores"]:
-        return None
-    then, now = history[-HACKING_WINDOW], history[-1]
-    diffs = np.subtract(now["scores"][quality], then["scores"][quality])
-    se = diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    if not (now["signal"] > then["signal"] and diffs.mean() < -2 * se):
-        return None
-    key = f"heldout/{quality}"
-    return (f"reward hacking? the {signal_name} rose {then['signal']:.4g} -> {now['signal']:.4g} "
-            f"while held-out {quality} fell {then[key]:.4g} -> {now[key]:.4g} (paired s.e. "
-            f"{se:.2g}) since step {then['step']}; best/ holds step {best_step}")
-
-
-def resume_training(args, transformer, adapter_name, optimizer, ema=None):
-    """--resume: restore the LoRA, optimizer, EMA and this rank's RNG of a checkpoint; returns (first
-    step, checkpoint or None). The data position needs no state: a step's prompts and noise are a
-    function of (seed, step, sample index), and the learning rate is constant (no scheduler)."""
-    checkpoint = find_checkpoint(args.resume, args.out)
-    if not checkpoint:
-        return 0, None
-    state = load_checkpoint_state(checkpoint)
-    restore_lora(transformer, adapter_name, checkpoint)
-    optimizer.load_state_dict(state["optimizer"])
-    if ema is not None:
-        ema.load_state_dict(state.get("ema"))
-    set_rng_state(rank_rng(state["rng"]))
-    return state["step"] + 1, checkpoint
 
 
 def check_training_args(args):
@@ -1636,9 +1720,24 @@ def check_training_args(args):
     find_checkpoint(args.resume, args.out)
 
 
-def training_state(optimizer, ema=None):
-    """What a checkpoint's state.pt holds besides the step and the RNGs."""
-    return {"optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None}
+def quiet_libraries():
+    """Silence start-up noise known to be harmless on the command line: transformers' notices that
+    it uses the PIL image processors (no torchvision), diffusers' notes that a pipeline without T5
+    saves no text_encoder_3 (the toy world), peft's warning that a model holds several adapters
+    (teachers, anchor and student share one base on purpose), the loading and saving bars of
+    diffusers and transformers."""
+    import logging
+    import warnings
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    no_t5 = ("self.text_encoder_3=None", "self.tokenizer_3=None")
+    logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
+        lambda record: not str(record.msg).startswith(no_t5))
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute",
+                            category=UserWarning)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def cli(main, parse_args):
@@ -1676,76 +1775,3 @@ def cli(main, parse_args):
         where = f"rank {rank}: " if world_size > 1 and (rank > 0 or isinstance(e, faults)) else ""
         print(f"{os.path.basename(sys.argv[0])}: {where}error: {message}", file=sys.stderr, flush=True)
         sys.exit(1 if isinstance(e, faults) else 2)
-
-
-def quiet_libraries():
-    """Silence start-up noise known to be harmless on the command line: transformers' notices that
-    it uses the PIL image processors (no torchvision), diffusers' notes that a pipeline without T5
-    saves no text_encoder_3 (the toy world), peft's warning that a model holds several adapters
-    (teachers, anchor and student share one base on purpose), the loading and saving bars of
-    diffusers and transformers."""
-    import logging
-    import warnings
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
-    no_t5 = ("self.text_encoder_3=None", "self.tokenizer_3=None")
-    logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
-        lambda record: not str(record.msg).startswith(no_t5))
-    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute",
-                            category=UserWarning)
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
-def step_summary(row, keys):
-    """A progress bar's postfix: the step's key numbers, e.g. 'reward_mean=0.512 kl=0.00123'."""
-    return " ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))
-
-
-def print_outputs(out_dir):
-    """A stage's last line: what it wrote under out_dir."""
-    wrote = []
-    for name, what in [("final", "the LoRA"), ("best", None), ("metrics.jsonl", None),
-                       ("heldout.jsonl", None), ("grids", "eval grids"),
-                       ("samples", "teacher samples"), ("tensorboard", None), ("wandb", None)]:
-        path = os.path.join(out_dir, name)
-        if name == "best" and os.path.isfile(os.path.join(path, "best.json")):
-            with open(os.path.join(path, "best.json")) as f:
-                best = json.load(f)
-            what = f"step {best['step']}, {best['select_by']} {best[best['select_by']]:.4g}"
-        if os.path.exists(path):
-            folder = os.sep if os.path.isdir(path) else ""
-            wrote.append(f"{path}{folder}" + (f" ({what})" if what else ""))
-    print("wrote " + ", ".join(wrote), flush=True)
-
-
-def trained_steps(args):
-    """How many leading steps of a rollout the on-policy stages train on (--timestep-fraction of --steps)."""
-    return max(1, int(args.steps * args.timestep_fraction))
-
-
-def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device, t):
-    """A step's SDE rollouts of the active adapter: G consecutive samples per prompt, each sample's
-    prompt and noise a function of (seed, step, global sample index). Returns this rank's
-    (prompts, cond, uncond, xs, log_probs)."""
-    n_samples = args.batch_size * args.group_size
-    ids = group_prompt_ids(len(prompts), args.batch_size, args.group_size, args.seed, step)
-    mine = [prompts[i] for i in ids[local]]
-    # each distinct prompt of the step is encoded once and its group reuses the outputs; every rank
-    # encodes the same set, so that the embeddings do not depend on the number of processes
-    row_of = {text: k for k, text in enumerate(dict.fromkeys(prompts[i].text for i in ids))}
-    cond, uncond = encode_prompts(pipe, list(row_of), args.max_sequence_length, device)
-    rows = torch.tensor([row_of[p.text] for p in mine], device=cond[0].device)
-    cond, uncond = (cond[0][rows], cond[1][rows]), (uncond[0][rows], uncond[1][rows])
-    gens = sample_generators(args.seed, step, range(n_samples)[local])
-    sde_steps = trained_steps(args) if args.sde_window == "trained" else None
-    parts = []
-    with autocast(device, args.mixed_precision):
-        latents = initial_latents(pipe, args.resolution, gens, device)
-        for part in torch.arange(len(mine)).split(args.sample_batch):  # --sample-batch at a time
-            c, u = (cond[0][part], cond[1][part]), (uncond[0][part], uncond[1][part])
-            parts.append(rollout(pipe.transformer, c, u, latents[part], t, guidance_scale,
-                                 args.noise_level, [gens[i] for i in part], sde_steps=sde_steps))
-    xs, log_probs = torch.cat([r.xs for r in parts]), torch.cat([r.log_probs for r in parts])
-    return mine, cond, uncond, xs, log_probs

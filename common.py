@@ -1626,6 +1626,19 @@ def add_training_args(parser):
                              "once per process: bounds the memory of a step's rollouts (Flow-GRPO "
                              "samples 9 at a time)")
     parser.add_argument("--eval-every", type=int, default=50, help="grid of fixed test prompts every N steps (0: never)")
+    parser.add_argument("--eval-prompts", type=int, default=0,
+                        help="held-out metrics every --eval-every steps on the first K test "
+                             "prompts of each task, and <out>/best/ (0: grids only)")
+    parser.add_argument("--eval-steps", type=int, default=40,
+                        help="ODE steps of the held-out evaluation")
+    parser.add_argument("--eval-metrics", default="",
+                        help="column=reward overrides of the held-out metrics, as in evaluate.py")
+    parser.add_argument("--select-by", default="average",
+                        help="held-out metric that picks <out>/best/: average (the paper's, over "
+                             "the run's columns) or a column (deqa, pickscore, ...)")
+    parser.add_argument("--stop-on-hacking", action="store_true",
+                        help="stop when the training signal rises while the held-out DeQA falls")
+    add_report_args(parser)
 
 
 def add_optimizer_args(parser):
@@ -1645,19 +1658,6 @@ def add_optimizer_args(parser):
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint folder")
     parser.add_argument("--ema", type=float, default=None,
                         help="decay of an exponential moving average of the LoRA, written as the final LoRA (off: none)")
-    parser.add_argument("--eval-prompts", type=int, default=0,
-                        help="held-out metrics every --eval-every steps on the first K test "
-                             "prompts of each task, and <out>/best/ (0: grids only)")
-    parser.add_argument("--eval-steps", type=int, default=40,
-                        help="ODE steps of the held-out evaluation")
-    parser.add_argument("--eval-metrics", default="",
-                        help="column=reward overrides of the held-out metrics, as in evaluate.py")
-    parser.add_argument("--select-by", default="average",
-                        help="held-out metric that picks <out>/best/: average (the paper's, over "
-                             "the run's columns) or a column (deqa, pickscore, ...)")
-    parser.add_argument("--stop-on-hacking", action="store_true",
-                        help="stop when the training signal rises while the held-out DeQA falls")
-    add_report_args(parser)
 
 
 def add_report_args(parser):

@@ -282,15 +282,14 @@ def grpo_step(pipe, transformer, optimizer, params, reward_fns, prompts, stage, 
     import common
     import teacher_grpo
     t0 = meter.start()
-    mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, stage, 0, local, stage.cfg,
-                                                                     d.device, t)
+    batch = common.on_policy_rollouts(pipe, prompts, stage, 0, local, stage.cfg, d.device, t)
     t1 = meter.now()
-    images = common.decode(pipe, xs[:, -1], stage.sample_batch)
-    scores = common.score(reward_fns, images, mine).to(d.device)
+    images = common.decode(pipe, batch.xs[:, -1], stage.sample_batch)
+    scores = common.score(reward_fns, images, batch.prompts).to(d.device)
     advantages, keep = common.group_advantages(scores, stage.group_size, stage.adv_clip)
     t2 = meter.now()
-    logs = teacher_grpo.grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs, advantages, keep,
-                                    t, train_steps, stage, d)
+    lora = common.TrainedLoRA(transformer, params, optimizer, None)
+    logs = teacher_grpo.grpo_update(lora, batch, advantages, keep, t, train_steps, stage, d)
     t3 = meter.now()
     return {**meter.report(t3 - t0), "rollout_time": t1 - t0, "reward_time": t2 - t1, "train_time": t3 - t2,
             "loss": torch.stack(logs).mean(0)[0].item()}
@@ -315,21 +314,20 @@ def opd_step(pipe, transformer, optimizer, params, prompts, flags, local, t, d, 
     teacher_fn = functools.partial(teacher_fn, cfg=stage.teacher_cfg)
     supervised = opd.supervised_steps(stage, 0)
     t0 = meter.start()
-    mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, stage, 0, local, stage.student_cfg,
-                                                                     d.device, t)
+    batch = common.on_policy_rollouts(pipe, prompts, stage, 0, local, stage.student_cfg, d.device, t)
     t1 = meter.now()
-    routed = [p.task for p in mine]
-    logs, _, _ = opd.distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs, old_log_probs, t,
-                             supervised, stage, d)
+    routed = [p.task for p in batch.prompts]
+    lora = common.TrainedLoRA(transformer, params, optimizer, None)
+    logs, _, _ = opd.distill(lora, teacher_fn, batch, routed, t, supervised, stage, d)
     t2 = meter.now()
     calls = [c for c in meter.calls if c[0].startswith("teacher_")]
     step_of = lambda v: min(range(len(t)), key=lambda i: abs(t[i].item() - v))  # noqa: E731
     return {**meter.report(t2 - t0), "rollout_time": t1 - t0, "train_time": t2 - t1,
             "loss": torch.stack(logs).mean(0)[0].item(), "teacher_forwards": len(calls),
             "anchor_forwards": sum(c[0] == "anchor" for c in meter.calls),
-            "teacher_forwards_per_prompt": len(mine) * len(supervised), "supervised_steps": supervised,
+            "teacher_forwards_per_prompt": len(batch.prompts) * len(supervised), "supervised_steps": supervised,
             "teacher_steps": sorted({step_of(c[1]) for c in calls}),
-            "batch": (teacher_fn, routed, xs[:, supervised[-1]], t[supervised[-1]], cond, uncond)}
+            "batch": (teacher_fn, routed, batch.xs[:, supervised[-1]], t[supervised[-1]], batch.cond, batch.uncond)}
 
 
 def random_pipeline(args):

@@ -54,7 +54,8 @@ def parse_args(argv=None):
                    help="the reward --best-of ranks by, as in teacher_grpo.py: one for every task ('ocr', "
                         "'deqa:0.4,pickscore:0.6') or per task ('geneval=toy:reward_geneval;ocr=toy:reward_ocr'); "
                         "default: each task's reward named like the task")
-    p.add_argument("--steps", type=int, default=40, help="teacher sampling steps (the eval setting)")
+    p.add_argument("--sample-steps", "--steps", dest="steps", type=int, default=40,
+                   help="teacher sampling steps, the eval setting (--steps: the old name)")
     p.add_argument("--cfg", type=float, default=4.5, help="teacher guidance scale w in (CFG)")
     p.add_argument("--sample-batch", type=int, default=8,
                    help="teacher images sampled (forward passes, x2 with CFG) and decoded at once "
@@ -181,29 +182,13 @@ def init_sft(args):
         print(f"resumed from {checkpoint} at step {start}")
     logger = common.MetricsLogger(args.out, enabled=dist.is_main, resume_step=start,
                                   report_to=report_to, config=vars(args), resumed=bool(checkpoint))
-    per_rank = args.batch_size // dist.world_size
-    train_shift = args.shift if args.train_shift is None else args.train_shift
     bar = tqdm(range(start + 1, args.max_steps + 1), initial=start, total=args.max_steps,
                desc="SFT", disable=not dist.is_main)
     for step in bar:
-        global_batch = batch_indices(step, args.batch_size, len(samples), args.seed)
-        positions = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's share of it
-        batch = [samples[global_batch[p]] for p in positions]
-        x0 = torch.stack([shards[s]["latents"][i] for s, i in batch]).float().to(dist.device)
-        texts = [shards[s]["texts"][i] for s, i in batch]
-        # one generator per global batch position: the same noise and t on any number of ranks
-        generators = common.sample_generators(args.seed, step, positions)
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(dist.device)
-        t = torch.cat([common.sample_train_t(1, train_shift, generator=g) for g in generators]).to(dist.device)  # (FM)
-        # caption dropout: a share of the samples trains the unconditional ("") branch that (CFG) steers from;
-        # left out, the student LoRA moves that branch unsupervised and guidance amplifies the drift
-        drop = torch.tensor([torch.rand(1, generator=g).item() < args.caption_dropout for g in generators])
-        cond, uncond = common.encode_prompts(pipe, texts, args.max_sequence_length, dist.device)
-        cond = [torch.where(drop.view(-1, *[1] * (c.dim() - 1)).to(c.device), u, c) for c, u in zip(cond, uncond)]
+        x0, noise, t, cond = sft_batch(pipe, shards, samples, step, args, dist)  # (FM)
         with common.autocast(dist.device, args.mixed_precision):
             v = common.velocity(transformer, common.add_noise(x0, noise, t), t, *cond)  # (FM)
         loss = common.fm_loss(v, x0, noise)  # (FM)
-        common.fault_point("step", step)  # tests only: FLOW_OPD_FAULT=step:N kills the run here
         (loss / dist.world_size).backward()  # summed over ranks: the gradient of the global mean
         common.average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -225,6 +210,29 @@ def init_sft(args):
         logger.close()
         common.print_outputs(args.out)
     common.cleanup_distributed()
+
+
+def sft_batch(pipe, shards, samples, step, args, dist):
+    """This rank's share of the SFT batch of `step`: teacher latents x0, noise, training times t
+    and the (caption-dropped) prompt embeddings; a function of (seed, step) on any number of ranks."""
+    per_rank = args.batch_size // dist.world_size
+    train_shift = args.shift if args.train_shift is None else args.train_shift
+    global_batch = batch_indices(step, args.batch_size, len(samples), args.seed)
+    positions = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's share of it
+    batch = [samples[global_batch[p]] for p in positions]
+    x0 = torch.stack([shards[s]["latents"][i] for s, i in batch]).float().to(dist.device)
+    texts = [shards[s]["texts"][i] for s, i in batch]
+    # one generator per global batch position: the same noise and t on any number of ranks
+    generators = common.sample_generators(args.seed, step, positions)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(dist.device)
+    t = torch.cat([common.sample_train_t(1, train_shift, generator=g) for g in generators]).to(dist.device)  # (FM)
+    # caption dropout: a share of the samples trains the unconditional ("") branch that (CFG) steers from;
+    # left out, the student LoRA moves that branch unsupervised and guidance amplifies the drift
+    drop = torch.tensor([torch.rand(1, generator=g).item() < args.caption_dropout for g in generators])
+    cond, uncond = common.encode_prompts(pipe, texts, args.max_sequence_length, dist.device)
+    cond = [torch.where(drop.view(-1, *[1] * (c.dim() - 1)).to(c.device), u, c) for c, u in zip(cond, uncond)]
+    common.fault_point("step", step)  # tests only: FLOW_OPD_FAULT=step:N kills the run here
+    return x0, noise, t, cond
 
 
 def select_prompts(prompts, max_prompts, seed):

@@ -39,6 +39,11 @@ LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.t
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
 SDEStep = namedtuple("SDEStep", "x_next log_prob mean std")
 Rollout = namedtuple("Rollout", "xs log_probs")
+# a step's on-policy samples on this rank: prompts, their (cond, uncond) embeddings, the states
+# xs [B, T + 1, ...] and log-probs [B, T] of the rollouts
+Rollouts = namedtuple("Rollouts", "prompts cond uncond xs log_probs")
+# what an optimizer step updates: the LoRA's fp32 parameters on `transformer`, AdamW, EMA or None
+TrainedLoRA = namedtuple("TrainedLoRA", "transformer params optimizer ema")
 Prompt = namedtuple("Prompt", "text task metadata")
 Dist = namedtuple("Dist", "rank world_size local_rank device is_main")
 EvalItem = namedtuple("EvalItem", "task i j prompt")
@@ -219,7 +224,7 @@ def initial_latents(pipe, resolution, generators, device):
 def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device, t):
     """A step's SDE rollouts of the active adapter: G consecutive samples per prompt, each sample's
     prompt and noise a function of (seed, step, global sample index). Returns this rank's
-    (prompts, cond, uncond, xs, log_probs)."""
+    Rollouts(prompts, cond, uncond, xs, log_probs)."""
     n_samples = args.batch_size * args.group_size
     ids = group_prompt_ids(len(prompts), args.batch_size, args.group_size, args.seed, step)
     mine = [prompts[i] for i in ids[local]]
@@ -239,7 +244,8 @@ def on_policy_rollouts(pipe, prompts, args, step, local, guidance_scale, device,
             parts.append(rollout(pipe.transformer, c, u, latents[part], t, guidance_scale,
                                  args.noise_level, [gens[i] for i in part], sde_steps=sde_steps))
     xs, log_probs = torch.cat([r.xs for r in parts]), torch.cat([r.log_probs for r in parts])
-    return mine, cond, uncond, xs, log_probs
+    fault_point("step", step)  # tests only: FLOW_OPD_FAULT=step:N kills the run here, mid-step
+    return Rollouts(mine, cond, uncond, xs, log_probs)
 
 
 @torch.no_grad()
@@ -1608,9 +1614,11 @@ def reward_server_options(args):
 def add_training_args(parser):
     """Flags of the two on-policy stages (teacher_grpo.py, opd.py), with the paper's defaults."""
     add_optimizer_args(parser)
-    parser.add_argument("--batch-size", type=int, default=24, help="prompts per step, global over ranks")
+    parser.add_argument("--prompts-per-step", "--batch-size", dest="batch_size", type=int, default=24,
+                        help="prompts per step, global over ranks (--batch-size: the old name)")
     parser.add_argument("--group-size", type=int, default=16, help="G: rollouts per prompt")
-    parser.add_argument("--steps", type=int, default=10, help="sampling steps of a rollout")
+    parser.add_argument("--sample-steps", "--steps", dest="steps", type=int, default=10,
+                        help="sampling steps of a rollout (--steps: the old name)")
     parser.add_argument("--noise-level", type=float, default=0.7, help="a in (SDE)")
     parser.add_argument("--timestep-fraction", type=float, default=0.99,
                         help="share of a rollout's steps trained on (0.99 of 10 = all but the last)")

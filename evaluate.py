@@ -67,9 +67,11 @@ def parse_args(argv=None):
     parser.add_argument("--metrics", default="", help="column=reward overrides, comma-separated, e.g. 'deqa=none'. "
                         "Defaults: geneval=geneval,ocr=ocr,pickscore=pickscore,deqa=deqa (servers: GENEVAL_URL, "
                         "DEQA_URL), or those the model folder's flow_opd.json names (the toy's)")
-    parser.add_argument("--steps", type=int, default=40, help="ODE sampling steps (the paper's eval: 40)")
+    parser.add_argument("--sample-steps", "--steps", dest="steps", type=int, default=40,
+                        help="ODE sampling steps, the paper's eval: 40 (--steps: the old name)")
     parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale w in (CFG)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass, per process")
+    parser.add_argument("--sample-batch", "--batch-size", dest="batch_size", type=int, default=16,
+                        help="images sampled at once, per process (--batch-size: the old name)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of each task")
     parser.add_argument("--images-per-prompt", type=int, default=1,
                         help="images per prompt (more lowers the standard error on small test sets)")

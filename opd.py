@@ -126,14 +126,15 @@ def main(args):
         p.requires_grad_(".student." in n)
     common.use_adapter(transformer, "student")
     params, optimizer, ema = common.make_optimizer(transformer, args)
+    lora = common.TrainedLoRA(transformer, params, optimizer, ema)
     t = common.timesteps(args.steps, args.shift).to(d.device)
     teacher_fn = functools.partial(teacher_velocities, transformer, adapter_of, anchor, cfg=args.teacher_cfg)
 
-    start, checkpoint = common.resume_training(args, transformer, "student", optimizer, ema)
+    start, resumed_from = common.resume_training(args, transformer, "student", optimizer, ema)
     os.makedirs(args.out, exist_ok=True)
     report_to = common.parse_report_to(args.report_to)
     logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops later rows
-                                  report_to=report_to, config=vars(args), resumed=bool(checkpoint))
+                                  report_to=report_to, config=vars(args), resumed=bool(resumed_from))
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
     if heldout:
         heldout.resume(start - 1, d.is_main)
@@ -143,15 +144,13 @@ def main(args):
     for step in bar:
         t0 = time.time()
         # 2. on-policy SDE rollouts of the student; prompts and noise derive from (seed, step, sample index)
-        mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, args, step, local, args.student_cfg,
-                                                                         d.device, t)
+        batch = common.on_policy_rollouts(pipe, prompts, args, step, local, args.student_cfg, d.device, t)
         t1 = time.time()
 
         # 3. routing and dense per-step supervision; 4. MAR on every prompt
-        routed = [p.task if args.route == "task" else args.single_teacher for p in mine]
-        common.fault_point("step", step)  # tests only: FLOW_OPD_FAULT=step:N kills the run here
-        logs, kl_sum, kl_count = distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs,
-                                         old_log_probs, t, supervised_steps(args, step), args, d)
+        routed = [p.task if args.route == "task" else args.single_teacher for p in batch.prompts]
+        logs, kl_sum, kl_count = distill(lora, teacher_fn, batch, routed, t, supervised_steps(args, step),
+                                         args, d)
         if ema:
             ema.update()
         t2 = time.time()
@@ -189,10 +188,13 @@ def opd_signal(row):
     return -float(np.mean([v for k, v in row.items() if k.startswith("kl/")]))
 
 
-def distill(transformer, optimizer, params, teacher_fn, routed, cond, uncond, xs, old_log_probs, t, steps, args, d):
-    """Steps 3 and 4 on a batch of rollouts: --updates-per-step optimizer updates of the student (the
-    active adapter of `transformer`) toward teacher_fn(tasks, x, t, cond, uncond) -> (v_teacher, v_anchor
-    or None), routed per sample. Returns the per-state logs and the summed KL per routed task."""
+def distill(lora, teacher_fn, batch, routed, t, steps, args, d):
+    """Steps 3 and 4 on a batch of rollouts (common.Rollouts): --updates-per-step optimizer updates
+    of the student (lora: the active adapter) toward teacher_fn(tasks, x, t, cond, uncond) ->
+    (v_teacher, v_anchor or None), routed per sample, on the rollout steps `steps`. Returns the
+    per-state logs and the summed KL per routed task."""
+    transformer, params, optimizer, _ = lora
+    cond, uncond, xs, old_log_probs = batch.cond, batch.uncond, batch.xs, batch.log_probs
     logs = []
     kl_per_sample = torch.zeros(xs.shape[0], dtype=torch.float64, device=xs.device)  # summed over the supervised states
     for mb in common.minibatches(xs.shape[0], args.updates_per_step):

@@ -76,14 +76,15 @@ def main(args):
     targets = common.lora_targets(args.lora_targets)
     transformer.add_adapter(common.lora_config(args.rank, args.alpha, targets), "policy")
     params, optimizer, ema = common.make_optimizer(transformer, args)
+    lora = common.TrainedLoRA(transformer, params, optimizer, ema)
     t = common.timesteps(args.steps, args.shift).to(d.device)
     train_steps = list(range(common.trained_steps(args)))
 
-    start, checkpoint = common.resume_training(args, transformer, "policy", optimizer, ema)
+    start, resumed_from = common.resume_training(args, transformer, "policy", optimizer, ema)
     os.makedirs(args.out, exist_ok=True)
     report_to = common.parse_report_to(args.report_to)
     logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops later rows
-                                  report_to=report_to, config=vars(args), resumed=bool(checkpoint))
+                                  report_to=report_to, config=vars(args), resumed=bool(resumed_from))
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
     if heldout:
         heldout.resume(start - 1, d.is_main)
@@ -94,25 +95,22 @@ def main(args):
     for step in bar:
         t0 = time.time()
         # 1. on-policy SDE rollouts: every sample's prompt and noise derive from (seed, step, sample index)
-        mine, cond, uncond, xs, old_log_probs = common.on_policy_rollouts(pipe, prompts, args, step, local, args.cfg,
-                                                                         d.device, t)
+        batch = common.on_policy_rollouts(pipe, prompts, args, step, local, args.cfg, d.device, t)
         t1 = time.time()
 
         # 2. rewards and group-relative advantages (group statistics over all ranks)   (GRPO)
-        images = common.decode(pipe, xs[:, -1], args.sample_batch)
-        rewards_local = common.score(reward_fns, images, mine).to(d.device)
+        images = common.decode(pipe, batch.xs[:, -1], args.sample_batch)
+        rewards_local = common.score(reward_fns, images, batch.prompts).to(d.device)
         all_rewards = common.all_gather(rewards_local)
         advantages, keep = common.group_advantages(all_rewards, args.group_size, args.adv_clip)
         advantages, keep = advantages[local], keep[local]
         t2 = time.time()
-        common.fault_point("step", step)  # tests only: FLOW_OPD_FAULT=step:N kills the run here
 
         # 3. PPO-clipped surrogate + beta KL to the base, on each trained step. Groups whose rewards are
         #    all equal carry no signal and are dropped (masked); a batch of only such groups is skipped.
         if not keep.any() and d.is_main:
             tqdm.write(f"step {step}: every group has zero reward variance; no update this step")
-        logs = grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs, advantages, keep, t,
-                           train_steps, args, d) if keep.any() else []
+        logs = grpo_update(lora, batch, advantages, keep, t, train_steps, args, d) if keep.any() else []
         if ema:
             ema.update()
         t3 = time.time()
@@ -148,10 +146,12 @@ def main(args):
     return args.out
 
 
-def grpo_update(transformer, optimizer, params, cond, uncond, xs, old_log_probs, advantages, keep, t, train_steps,
-                args, d):
-    """Step 3 on a batch of rollouts: --updates-per-step optimizer updates of the policy (the active adapter)
-    with the PPO-clipped surrogate + beta KL to the base (the adapter switched off). Returns per-state logs."""
+def grpo_update(lora, batch, advantages, keep, t, train_steps, args, d):
+    """Step 3 on a batch of rollouts (common.Rollouts): --updates-per-step optimizer updates of the
+    policy (lora: the active adapter) with the PPO-clipped surrogate + beta KL to the base (the
+    adapter switched off), on the rollout steps `train_steps`. Returns per-state logs."""
+    transformer, params, optimizer, _ = lora
+    cond, uncond, xs, old_log_probs = batch.cond, batch.uncond, batch.xs, batch.log_probs
     logs = []
     for mb in common.minibatches(xs.shape[0], args.updates_per_step):
         optimizer.zero_grad(set_to_none=True)

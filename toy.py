@@ -796,7 +796,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/toy", help="world folder: <out>/base, <out>/data, <out>/world.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a barely trained world in seconds, for tests")
-    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default 4500, --quick 150)")
+    p.add_argument("--max-steps", dest="steps", type=int, default=None,
+                   help="pretraining optimizer steps (default 4500, --quick 150)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="share of empty prompts, for (CFG)")

@@ -28,7 +28,7 @@ import toy  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=1200, help="pretraining steps (toy.py's --steps)")
+    p.add_argument("--steps", type=int, default=1200, help="pretraining steps (toy.py's --max-steps)")
     p.add_argument("--digits", default="0123456789", help="the alphabet of the prompts")
     p.add_argument("--one-digit", action="store_true", help="prompts of one digit instead of 1-2")
     p.add_argument("--render", choices=["glyph", "black", "colour"], default="glyph")
@@ -59,7 +59,7 @@ def main(args):
         toy.render_ocr = lambda p: world_font(p, inks=dict.fromkeys(toy.INKS, (25, 25, 25)))
     toy.TASK_MIX.update(geneval=0.0, ocr=1.0, pickscore=0.0)
     with tempfile.TemporaryDirectory() as out:
-        world = toy.parse_args(["--out", out, "--steps", str(args.steps), *args.toy_args])
+        world = toy.parse_args(["--out", out, "--max-steps", str(args.steps), *args.toy_args])
         toy.write_data(os.path.join(out, "data"), 2000, 8, world.seed)
         pipe = toy.build_pipeline(world)
         start = time.perf_counter()

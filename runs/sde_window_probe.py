@@ -1,7 +1,7 @@
 """What GRPO's rewards see of a toy world's base model, with noise on every rollout step (Flow-GRPO) or
 only on the first, trained half (`--sde-window trained`, MixGRPO). README, "The OPD objective".
 
-    python runs/sde_window_probe.py --world out/toy8
+    python runs/sde_window_probe.py --world out/toy
 """
 import argparse
 import os

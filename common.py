@@ -1335,7 +1335,7 @@ class HeldOut:
         args = self.args
         images = generate_items(pipe, self.items, args.seed, args.eval_steps, self.guidance_scale,
                                 args.resolution, args.max_sequence_length, args.shift,
-                                args.micro_batch, pipe.transformer.device, args.mixed_precision)
+                                args.sample_batch, pipe.transformer.device, args.mixed_precision)
         table, results = self.scorer(self.items, images)
         values = {}
         for column in table["n"]:

@@ -14,6 +14,11 @@ follow prompts, imperfectly, in minutes:
     ocr        'a sign that says "47"': 1-2 digits between double quotes.
     pickscore  "a green tower at night, highly detailed": a "human preference" rule.
 
+Splits, in Flow-GRPO's layout under <out>/data: pretrain (the base's pretraining prompts), train
+and test (the post-training stages' prompts and the table's), and ood: prompts made only of
+combinations (HELD_OUT: colour-shape pairs, counts, pairs and positions of shapes, digit pairs) that
+no train or test prompt contains, for the out-of-distribution columns; <out>/data/ood.json lists them.
+
 Rewards, each f(images uint8 [B, H, W, 3], prompts, metadata) -> float [B] (GenEval: columns), named
 `toy:reward_geneval`, ... in reward specs (rewards.py imports them from here when asked):
 
@@ -691,23 +696,88 @@ def pretrain(pipe, prompts, args):
 
 # ----------------------------------------------------------------------------- data root (Flow-GRPO's layout)
 
-def write_data(root, train_size, test_size, seed, geneval_test_size=None):
-    """<root>/geneval/{train,test}_metadata.jsonl, <root>/{ocr,pickscore}/{train,test}.txt.
+# The out-of-distribution split: combinations that no post-training split contains. The base saw
+# them in pretraining (as SD3.5-M's web-scale pretraining saw everything); the teachers, GRPO and
+# OPD never train on them. Each is a pair of things every split does contain on their own.
+HELD_OUT = {
+    "color_shape": [("yellow", "square"), ("purple", "square"), ("orange", "bar"),  # each colour
+                    ("green", "bar"), ("red", "tower"), ("blue", "tower")],  # once: colors, PickScore
+    "count_shape": [(3, "square"), (4, "bar"), (2, "tower")],  # counting: "four bars", ...
+    "two_object": [("bar", "square")],  # "a bar and a square" ("a square and a bar" is seen)
+    "position": [("square", "above", "bar"), ("tower", "left of", "square"),  # "a square above a bar"
+                 ("bar", "below", "tower"), ("square", "right of", "tower"),
+                 ("tower", "above", "bar"), ("bar", "left of", "square")],
+    "digits": ["07", "13", "29", "31", "46", "58", "64", "75", "82", "90"],  # two-digit OCR texts
+}
+# color_attr (two coloured objects) is left out of the OOD prompts: every model scores 0 on it
+OOD_TAGS = ["two_object", "counting", "colors", "position"]
 
-    The prompt spaces are small (GenEval 240 prompts), so the splits share prompts; each split is
-    its own draw, GenEval's tags in turn. GenEval's test split has geneval_test_size prompts
-    (default test_size): its score is binary per image and needs more prompts for the same error.
+
+def held_out(task, prompt, row=None):
+    """The held-out combinations (HELD_OUT) a prompt contains, as strings; [] = in distribution."""
+    found = []
+    if task == "geneval":
+        objects, tag = row["include"], row["tag"]
+        pairs = [(o["color"], o["class"]) for o in objects if "color" in o]
+        found += [f"{c} {s}" for c, s in pairs if (c, s) in HELD_OUT["color_shape"]]
+        if tag == "counting" and (objects[0]["count"], objects[0]["class"]) in HELD_OUT["count_shape"]:
+            found.append(f"{NUMBERS[objects[0]['count']]} {objects[0]['class']}s")
+        if tag == "two_object" and (objects[0]["class"], objects[1]["class"]) in HELD_OUT["two_object"]:
+            found.append(f"{objects[0]['class']} and {objects[1]['class']}")
+        if tag == "position":
+            triple = (objects[1]["class"], objects[1]["position"][0], objects[0]["class"])
+            if triple in HELD_OUT["position"]:
+                found.append(" ".join(triple))
+    elif task == "ocr":
+        text = rewards.ocr_target(prompt)
+        found += [text] if text in HELD_OUT["digits"] else []
+    elif task == "pickscore":
+        color, shape, _ = parse_pickscore(prompt)
+        found += [f"{color} {shape}"] if (color, shape) in HELD_OUT["color_shape"] else []
+    return found
+
+
+def draw(task, rng, tag=None, ood=None):
+    """(prompt, metadata row or None); ood=False: no held-out combination, True: at least one,
+    None: either (the pretraining draw). By rejection: every combination is a few draws away."""
+    while True:
+        prompt, row = sample_prompt(task, rng, tag)
+        if ood is None or bool(held_out(task, prompt, row)) == ood:
+            return prompt, row
+
+
+def write_data(root, train_size, test_size, seed, geneval_test_size=None, ood_size=128,
+               geneval_ood_size=192):
+    """Flow-GRPO's layout: <root>/geneval/<split>_metadata.jsonl, <root>/{ocr,pickscore}/<split>.txt.
+
+    Splits: pretrain (the base's pretraining prompts, every combination), train and test (no
+    held-out combination), ood (only held-out combinations; GenEval's OOD_TAGS in turn) and
+    <root>/ood.json, what was held out. The prompt spaces are small (GenEval 240 prompts), so the
+    splits share prompts; each split is its own draw, GenEval's tags in turn. GenEval's test split
+    has geneval_test_size prompts (default test_size): its score is binary per image and needs more
+    prompts for the same error.
     """
-    for split, size in [("train", train_size), ("test", test_size)]:
-        rng = np.random.default_rng([seed, 1 if split == "train" else 2])
-        os.makedirs(os.path.join(root, "geneval"), exist_ok=True)
+    splits = [("pretrain", 1, train_size, train_size, None, TAGS),
+              ("train", 3, train_size, train_size, False, TAGS),
+              ("test", 2, test_size, geneval_test_size or test_size, False, TAGS),
+              ("ood", 4, ood_size, geneval_ood_size, True, OOD_TAGS)]
+    for task in TASKS:
+        os.makedirs(os.path.join(root, task), exist_ok=True)
+    counts = {}
+    for split, stream, size, geneval_size, ood, tags in splits:
+        rng = np.random.default_rng([seed, stream])
         with open(os.path.join(root, "geneval", f"{split}_metadata.jsonl"), "w") as f:
-            for i in range((geneval_test_size or size) if split == "test" else size):
-                f.write(json.dumps(geneval_row(TAGS[i % len(TAGS)], rng)) + "\n")
-        for task, make in [("ocr", ocr_prompt), ("pickscore", pickscore_prompt)]:
-            os.makedirs(os.path.join(root, task), exist_ok=True)
+            for i in range(geneval_size):
+                f.write(json.dumps(draw("geneval", rng, tags[i % len(tags)], ood)[1]) + "\n")
+        for task in ("ocr", "pickscore"):
             with open(os.path.join(root, task, f"{split}.txt"), "w") as f:
-                f.writelines(make(rng) + "\n" for _ in range(size))
+                f.writelines(draw(task, rng, ood=ood)[0] + "\n" for _ in range(size))
+        counts[split] = {"geneval": geneval_size, "ocr": size, "pickscore": size}
+    with open(os.path.join(root, "ood.json"), "w") as f:
+        json.dump({"held_out": HELD_OUT, "ood_geneval_tags": OOD_TAGS, "prompts": counts,
+                   "note": "no train or test prompt contains a held-out combination; every ood "
+                           "prompt contains one; the base's pretraining (split pretrain) saw them"},
+                  f, indent=1)
 
 
 # ----------------------------------------------------------------------------- measuring the base
@@ -811,6 +881,10 @@ def parse_args(argv=None):
                    help="test prompts of ocr and pickscore (OCR accuracy's standard error: 0.017 at 256)")
     p.add_argument("--geneval-test-size", type=int, default=512,
                    help="GenEval test prompts (binary per image: standard error <= 0.02 needs ~450 at the base's 0.4)")
+    p.add_argument("--ood-size", type=int, default=128,
+                   help="out-of-distribution prompts of ocr and pickscore (held-out combinations)")
+    p.add_argument("--geneval-ood-size", type=int, default=192,
+                   help="out-of-distribution GenEval prompts (48 per tag of toy.OOD_TAGS)")
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="test prompts per task scored here (default 96, --quick 8)")
     p.add_argument("--eval-steps", type=int, nargs="+", default=None, help="sampling steps to score (default 10 40)")
@@ -827,7 +901,7 @@ def parse_args(argv=None):
 
 
 WORLD_KEYS = ["seed", "steps", "batch_size", "lr", "cfg_dropout", "layers", "heads", "head_dim", "patch_size",
-              "max_tokens", "train_size", "test_size", "geneval_test_size"]
+              "max_tokens", "train_size", "test_size", "geneval_test_size", "ood_size", "geneval_ood_size"]
 
 
 def main(args):
@@ -847,9 +921,10 @@ def main(args):
     for folder in (base, data, os.path.join(args.out, "tokenizer_bpe")):
         shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
-    write_data(data, args.train_size, args.test_size, args.seed, args.geneval_test_size)
+    write_data(data, args.train_size, args.test_size, args.seed, args.geneval_test_size,
+               args.ood_size, args.geneval_ood_size)
     pipe = build_pipeline(args)
-    prompts = common.load_prompts(data, TASKS, "train")
+    prompts = common.load_prompts(data, TASKS, "pretrain")
     longest = max(len(pipe.tokenizer(p.text).input_ids) for p in prompts)
     if longest > args.max_tokens:
         raise ValueError(f"a toy prompt has {longest} tokens > --max-tokens {args.max_tokens}")

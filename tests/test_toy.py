@@ -84,7 +84,7 @@ def test_tokenizer_keeps_every_toy_word_whole(quick_world):
 
 def test_data_root_has_flow_grpo_layout(quick_world):
     root = os.path.join(quick_world[0], "data")
-    for split in ("train", "test"):
+    for split in ("pretrain", "train", "test", "ood"):
         for path in ("geneval/%s_metadata.jsonl", "ocr/%s.txt", "pickscore/%s.txt"):
             assert os.path.isfile(os.path.join(root, path % split))
     prompts = common.load_prompts(root, ["geneval", "ocr", "pickscore"], "test")
@@ -102,6 +102,55 @@ def test_data_root_has_flow_grpo_layout(quick_world):
     toy.write_data(os.path.join(quick_world[0], "again"), 2000, 256, 0)  # the same seed writes the same files
     with open(os.path.join(quick_world[0], "again", "geneval", "test_metadata.jsonl")) as f:
         assert f.readline() == first
+
+
+def held_out_texts():
+    """The held-out combinations as the words a prompt would carry (independent of toy.held_out)."""
+    h = toy.HELD_OUT
+    texts = [f"{c} {s}" for c, s in h["color_shape"]]
+    texts += [f"{toy.NUMBERS[n]} {s}s" for n, s in h["count_shape"]]
+    texts += [f"of a {a} and a {b}" for a, b in h["two_object"]]
+    texts += [f"a {a} {rel} a {b}" for a, rel, b in h["position"]]
+    return texts + [f'"{d}"' for d in h["digits"]]
+
+
+def test_ood_split_holds_out_its_combinations_from_every_training_split(tmp_path):
+    root = str(tmp_path)
+    toy.write_data(root, 600, 128, 0, 192, ood_size=96, geneval_ood_size=96)
+    texts = held_out_texts()
+    for split in ("train", "test"):
+        prompts = common.load_prompts(root, toy.TASKS, split)
+        assert len(prompts) == (600 * 3 if split == "train" else 192 + 2 * 128)
+        assert not [p.text for p in prompts if any(t in p.text for t in texts)]
+    ood = common.load_prompts(root, toy.TASKS, "ood")
+    assert [sum(p.task == t for p in ood) for t in toy.TASKS] == [96, 96, 96]
+    assert all(any(t in p.text for t in texts) for p in ood)
+    seen = {t for p in ood for t in texts if t in p.text}
+    assert seen == set(texts)  # every held-out combination is asked for
+    assert {p.metadata["tag"] for p in ood if p.task == "geneval"} == set(toy.OOD_TAGS)
+    # the base's pretraining prompts contain them, as a web-scale base model's data would
+    pretrain = common.load_prompts(root, toy.TASKS, "pretrain")
+    assert {t for p in pretrain for t in texts if t in p.text} == set(texts)
+    with open(os.path.join(root, "ood.json")) as f:
+        meta = json.load(f)
+    assert meta["held_out"]["digits"] == toy.HELD_OUT["digits"]
+    assert meta["prompts"]["ood"] == {"geneval": 96, "ocr": 96, "pickscore": 96}
+
+
+@pytest.mark.parametrize("task", toy.TASKS)
+def test_ood_prompts_are_scored_like_in_domain_ones(task, tmp_path):
+    """Ground-truth renders of held-out prompts earn full reward; blanks earn none."""
+    toy.write_data(str(tmp_path), 60, 30, 0, ood_size=40, geneval_ood_size=40)
+    prompts = common.load_prompts(str(tmp_path), [task], "ood")
+    rng = np.random.default_rng(0)
+    metadata = [p.metadata or None for p in prompts]
+    images = np.stack([toy.render(task, p.text, m, rng) for p, m in zip(prompts, metadata)])
+    texts = [p.text for p in prompts]
+    reward = toy.TOY_REWARDS[task]
+    assert reward(images, texts, metadata).min() == 1.0
+    assert reward(np.full_like(images, 240), texts, metadata).mean() < 0.05
+    if task == "geneval":
+        assert all(r["correct"] for r in toy.geneval_details(images, texts, metadata))
 
 
 @pytest.mark.parametrize("task", toy.TASKS)

@@ -25,26 +25,40 @@ from tqdm import tqdm
 import common
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
     common.add_training_args(p)
-    p.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ layout, all tasks mixed")
-    p.add_argument("--tasks", default="all", help="tasks whose prompts are distilled (comma-separated or 'all')")
-    p.add_argument("--teachers", default=common.PAPER_TEACHERS, help="task=adapter,... (LoRA folder/file, hub id or 'base')")
+    p.add_argument("--data-root", default="dataset",
+                   help="Flow-GRPO's dataset/ layout, all tasks mixed")
+    p.add_argument("--tasks", default="all",
+                   help="tasks whose prompts are distilled (comma-separated or 'all')")
+    p.add_argument("--teachers", default=common.PAPER_TEACHERS,
+                   help="task=adapter,... (LoRA folder/file, hub id or 'base')")
     p.add_argument("--mar-teacher", default="out/teacher-deqa/final",
-                   help="MAR anchor: the frozen aesthetic (DeQA:PickScore 4:6) teacher adapter, or 'base'")
+                   help="MAR anchor: the frozen aesthetic (DeQA:PickScore 4:6) teacher adapter, "
+                        "or 'base'")
     p.add_argument("--mar", type=float, default=0.1, help="beta_mar in (MAR); 0 switches MAR off")
     p.add_argument("--route", choices=["task", "single"], default="task",
-                   help="task: each prompt's own teacher (ROUTE); single: the --single-teacher for all (ablation)")
-    p.add_argument("--single-teacher", default=None, help="with --route single: the task whose teacher is used")
-    p.add_argument("--init", default="merge", help="merge (exact merge of the teachers) | none (fresh LoRA) | PATH (a cold-start LoRA, e.g. SFT)")
-    p.add_argument("--merge-rank", type=int, default=None, help="SVD-truncate the merged init to this rank")
-    p.add_argument("--loss", choices=["pg", "kl", "mse"], default="kl", help="objective of (OPD); see README for the choice")
+                   help="task: each prompt's own teacher (ROUTE); single: the --single-teacher "
+                        "for all (ablation)")
+    p.add_argument("--single-teacher", default=None,
+                   help="with --route single: the task whose teacher is used")
+    p.add_argument("--init", default="merge",
+                   help="merge (exact merge of the teachers) | none (fresh LoRA) | PATH "
+                        "(a cold-start LoRA, e.g. SFT)")
+    p.add_argument("--merge-rank", type=int, default=None,
+                   help="SVD-truncate the merged init to this rank")
+    p.add_argument("--loss", choices=["pg", "kl", "mse"], default="kl",
+                   help="objective of (OPD); see README for the choice")
     p.add_argument("--states", type=int, default=None,
-                   help="supervise K low-noise states per rollout (DanceOPD) instead of every trained step")
+                   help="supervise K low-noise states per rollout (DanceOPD) instead of every "
+                        "trained step")
     p.add_argument("--out", default="out/opd")
-    p.add_argument("--student-cfg", type=float, default=4.5, help="w of the student's rollouts/training (1: unguided)")
-    p.add_argument("--teacher-cfg", type=float, default=4.5, help="w of the teachers and the anchor (CFG)")
+    p.add_argument("--student-cfg", type=float, default=4.5,
+                   help="w of the student's rollouts/training (1: unguided)")
+    p.add_argument("--teacher-cfg", type=float, default=4.5,
+                   help="w of the teachers and the anchor (CFG)")
     return p.parse_args(argv)
 
 
@@ -54,29 +68,38 @@ def validate(args, tasks, teachers):
                           updates_per_step=args.updates_per_step, save_every=args.save_every,
                           sample_batch=args.sample_batch)
     if args.noise_level <= 0:
-        raise ValueError(f"--noise-level must be > 0 for on-policy SDE rollouts and their KL, got {args.noise_level}")
+        raise ValueError("--noise-level must be > 0 for on-policy SDE rollouts and their KL, "
+                         f"got {args.noise_level}")
     common.check_training_args(args)
     n_trained = common.trained_steps(args)
     if args.states is not None and not 0 < args.states <= n_trained:
-        raise ValueError(f"--states {args.states} must be between 1 and the {n_trained} trained steps of a rollout")
+        raise ValueError(f"--states {args.states} must be between 1 and the {n_trained} trained "
+                         "steps of a rollout")
     if args.route == "single" and args.single_teacher not in teachers:
-        raise ValueError(f"--route single needs --single-teacher, one of {sorted(teachers)}; got {args.single_teacher}")
+        raise ValueError(f"--route single needs --single-teacher, one of {sorted(teachers)}; "
+                         f"got {args.single_teacher}")
     if args.route == "task":
-        common.route(tasks, teachers)  # raises, listing tasks and teachers, when a task has no teacher
+        # raises, listing tasks and teachers, when a task has no teacher
+        common.route(tasks, teachers)
     if args.mar > 0 and not args.mar_teacher:
         raise ValueError("--mar > 0 needs an anchor: --mar-teacher ADAPTER or --mar-teacher base")
-    for name, path in [*teachers.items(), ("mar-teacher", args.mar_teacher if args.mar > 0 else "base")]:
-        if path != "base" and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-            raise FileNotFoundError(f"teacher {name!r}: adapter {path!r} does not exist (a LoRA folder, hub id or 'base')")
+    for name, path in [*teachers.items(),
+                       ("mar-teacher", args.mar_teacher if args.mar > 0 else "base")]:
+        if path != "base" and not os.path.exists(path) and (path.startswith((".", "/", "~"))
+                                                             or path.count("/") != 1):
+            raise FileNotFoundError(f"teacher {name!r}: adapter {path!r} does not exist "
+                                    "(a LoRA folder, hub id or 'base')")
 
 
 def supervised_steps(args, step):
     """Trained step indices: all but the last by default; with --states K, K of the low-noise half
-    (DanceOPD supervises states the student visits near the data), drawn per step from (seed, step)."""
+    (DanceOPD supervises states the student visits near the data), drawn per step from
+    (seed, step)."""
     n_trained = common.trained_steps(args)
     if args.states is None:
         return list(range(n_trained))
-    low_noise = list(range(n_trained // 2, n_trained)) if args.states <= n_trained - n_trained // 2 else list(range(n_trained))
+    low_noise = list(range(n_trained // 2, n_trained)) \
+        if args.states <= n_trained - n_trained // 2 else list(range(n_trained))
     rng = np.random.default_rng([args.seed, step, 7])
     return sorted(rng.choice(low_noise, args.states, replace=False).tolist())
 
@@ -97,7 +120,8 @@ def main(args):
                                  ("OPD reward (-KL to the teachers)", opd_signal), args.student_cfg)
     n_samples = args.batch_size * args.group_size
     local = common.local_slice(n_samples, d.rank, d.world_size)
-    common.minibatches(local.stop - local.start, args.updates_per_step)  # fails early on a bad split
+    # fails early on a bad split
+    common.minibatches(local.stop - local.start, args.updates_per_step)
 
     # 1. one frozen base; teachers, anchor and student are adapters on it
     pipe = common.load_stage_pipeline(args, d.device)
@@ -114,8 +138,8 @@ def main(args):
             common.load_lora(transformer, args.mar_teacher, "anchor")
     torch.manual_seed(args.seed)
     if args.init == "merge":
-        state, config, info = common.merge_teachers({t: p for t, p in teachers.items() if p != "base"},
-                                                        rank=args.merge_rank)
+        state, config, info = common.merge_teachers(
+            {t: p for t, p in teachers.items() if p != "base"}, rank=args.merge_rank)
         common.add_lora_from_state(transformer, "student", state, config)
     elif args.init == "none":
         targets = common.lora_targets(args.lora_targets)
@@ -128,13 +152,15 @@ def main(args):
     params, optimizer, ema = common.make_optimizer(transformer, args)
     lora = common.TrainedLoRA(transformer, params, optimizer, ema)
     t = common.timesteps(args.steps, args.shift).to(d.device)
-    teacher_fn = functools.partial(teacher_velocities, transformer, adapter_of, anchor, cfg=args.teacher_cfg)
+    teacher_fn = functools.partial(teacher_velocities, transformer, adapter_of, anchor,
+                                   cfg=args.teacher_cfg)
 
     start, resumed_from = common.resume_training(args, transformer, "student", optimizer, ema)
     os.makedirs(args.out, exist_ok=True)
     report_to = common.parse_report_to(args.report_to)
     logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops later rows
-                                  report_to=report_to, config=vars(args), resumed=bool(resumed_from))
+                                  report_to=report_to, config=vars(args),
+                                  resumed=bool(resumed_from))
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
     if heldout:
         heldout.resume(start - 1, d.is_main)
@@ -143,19 +169,22 @@ def main(args):
                total=args.max_steps)
     for step in bar:
         t0 = time.time()
-        # 2. on-policy SDE rollouts of the student; prompts and noise derive from (seed, step, sample index)
-        batch = common.on_policy_rollouts(pipe, prompts, args, step, local, args.student_cfg, d.device, t)
+        # 2. on-policy SDE rollouts of the student; prompts and noise derive from
+        #    (seed, step, sample index)
+        batch = common.on_policy_rollouts(pipe, prompts, args, step, local, args.student_cfg,
+                                          d.device, t)
         t1 = time.time()
 
         # 3. routing and dense per-step supervision; 4. MAR on every prompt
         routed = [p.task if args.route == "task" else args.single_teacher for p in batch.prompts]
-        logs, kl_sum, kl_count = distill(lora, teacher_fn, batch, routed, t, supervised_steps(args, step),
-                                         args, d)
+        logs, kl_sum, kl_count = distill(lora, teacher_fn, batch, routed, t,
+                                         supervised_steps(args, step), args, d)
         if ema:
             ema.update()
         t2 = time.time()
 
-        total, opd, mar_kl = (common.all_mean(m, d.device) for m in torch.stack(logs).mean(0).tolist())
+        total, opd, mar_kl = (common.all_mean(m, d.device)
+                              for m in torch.stack(logs).mean(0).tolist())
         row = {"step": step, "loss": total, "opd_loss": opd, "mar_kl": mar_kl,
                **{f"kl/{task}": kl_sum[task] / kl_count[task] for task in sorted(kl_sum)},
                "lr": optimizer.param_groups[0]["lr"], "step_time": t2 - t0, "rollout_time": t1 - t0,
@@ -170,7 +199,8 @@ def main(args):
             grid = common.save_eval_grid(pipe, eval_prompts, args, step, args.student_cfg)
             logger.log_image(step, "grid", grid)
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
-            common.save_checkpoint(args.out, step, transformer, "student", common.training_state(optimizer, ema))
+            common.save_checkpoint(args.out, step, transformer, "student",
+                                   common.training_state(optimizer, ema))
         common.barrier()
         if stop:
             break
@@ -196,7 +226,8 @@ def distill(lora, teacher_fn, batch, routed, t, steps, args, d):
     transformer, params, optimizer, _ = lora
     cond, uncond, xs, old_log_probs = batch.cond, batch.uncond, batch.xs, batch.log_probs
     logs = []
-    kl_per_sample = torch.zeros(xs.shape[0], dtype=torch.float64, device=xs.device)  # summed over the supervised states
+    # summed over the supervised states
+    kl_per_sample = torch.zeros(xs.shape[0], dtype=torch.float64, device=xs.device)
     for mb in common.minibatches(xs.shape[0], args.updates_per_step):
         optimizer.zero_grad(set_to_none=True)
         global_count = len(mb) * d.world_size * len(steps)
@@ -208,13 +239,14 @@ def distill(lora, teacher_fn, batch, routed, t, steps, args, d):
                 with common.autocast(d.device, args.mixed_precision):
                     v_teacher, v_anchor = teacher_fn(chunk_tasks, x, t[i], c, u)
                     v = common.guided_velocity(transformer, x, t[i], c, u, args.student_cfg)
-                loss = common.opd_loss(args.loss, v, v_teacher, x, x_next, t[i], t[i + 1], args.noise_level,
-                                       old_log_probs[chunk, i], args.clip_range)
+                loss = common.opd_loss(args.loss, v, v_teacher, x, x_next, t[i], t[i + 1],
+                                       args.noise_level, old_log_probs[chunk, i], args.clip_range)
                 mar = common.mar_penalty(v, v_anchor, t[i], t[i + 1], args.noise_level, args.mar) \
                     if v_anchor is not None else torch.zeros_like(loss)
                 ((loss + mar).sum() / global_count).backward()
                 with torch.no_grad():  # metrics, kept on the device: no host sync per state
-                    kl_per_sample[chunk] += common.step_kl(v, v_teacher, t[i], t[i + 1], args.noise_level).double()
+                    kl_per_sample[chunk] += common.step_kl(v, v_teacher, t[i], t[i + 1],
+                                                           args.noise_level).double()
                     mar_kl = common.step_kl(v, v_anchor, t[i], t[i + 1], args.noise_level).mean() \
                         if v_anchor is not None else torch.zeros(())
                 logs.append(torch.stack([(loss + mar).mean(), loss.mean(), mar_kl]).detach())
@@ -238,7 +270,8 @@ def teacher_velocities(transformer, adapter_of, anchor, tasks, x, t, cond, uncon
     for task, idx in common.route(tasks, adapter_of).items():  # (ROUTE)
         idx = idx.to(x.device)
         common.use_adapter(transformer, adapter_of[task])
-        v_teacher[idx] = common.guided_velocity(transformer, x[idx], t, (cond[0][idx], cond[1][idx]),
+        v_teacher[idx] = common.guided_velocity(transformer, x[idx], t,
+                                                (cond[0][idx], cond[1][idx]),
                                                 (uncond[0][idx], uncond[1][idx]), cfg)
     v_anchor = None
     if anchor:

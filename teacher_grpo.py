@@ -21,20 +21,24 @@ import rewards
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
     common.add_training_args(p)
     p.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ layout")
-    p.add_argument("--tasks", default="geneval", help="comma-separated tasks whose train prompts are used, or 'all'")
+    p.add_argument("--tasks", default="geneval",
+                   help="comma-separated tasks whose train prompts are used, or 'all'")
     p.add_argument("--reward", default=None,
                    help="reward spec for all tasks ('ocr', 'deqa:0.4,pickscore:0.6') or per task "
                         "('geneval=geneval;ocr=ocr'); default: each task's own reward")
     p.add_argument("--out", default="out/teacher")
     p.add_argument("--cfg", type=float, default=4.5, help="w in (CFG)")
     p.add_argument("--adv-clip", type=float, default=5.0, help="advantage clip in (GRPO)")
-    p.add_argument("--kl-beta", type=float, default=0.04, help="beta of the KL to the base model in (GRPO)")
+    p.add_argument("--kl-beta", type=float, default=0.04,
+                   help="beta of the KL to the base model in (GRPO)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop after this wall time (e.g. to give a baseline the same budget as another method)")
+                   help="stop after this wall time (e.g. to give a baseline the same budget as "
+                        "another method)")
     common.add_reward_server_args(p)
     return p.parse_args(argv)
 
@@ -44,7 +48,8 @@ def validate(args):
                           micro_batch=args.micro_batch, updates_per_step=args.updates_per_step,
                           save_every=args.save_every, sample_batch=args.sample_batch)
     if args.group_size < 2:
-        raise ValueError(f"--group-size must be >= 2 (the group advantage of one sample is undefined), got {args.group_size}")
+        raise ValueError("--group-size must be >= 2 (the group advantage of one sample is "
+                         f"undefined), got {args.group_size}")
     if not 0 < args.timestep_fraction <= 1:
         raise ValueError(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
     common.check_training_args(args)
@@ -57,7 +62,8 @@ def main(args):
     tasks = common.parse_tasks(args.tasks, args.data_root)
     prompts = common.load_prompts(args.data_root, tasks)
     server = common.reward_server_options(args)
-    reward_fns = {task: rewards.load(spec, server=server) for task, spec in common.parse_rewards(args.reward, tasks).items()}
+    reward_fns = {task: rewards.load(spec, server=server)
+                  for task, spec in common.parse_rewards(args.reward, tasks).items()}
     heldout = None
     if args.eval_prompts:  # held-out metrics and best/, loaded before any work
         model_info = common.model_defaults(args.model)
@@ -67,7 +73,8 @@ def main(args):
                                  ("training reward", lambda row: row["reward_mean"]), args.cfg)
     n_samples = args.batch_size * args.group_size
     local = common.local_slice(n_samples, d.rank, d.world_size)
-    common.minibatches(local.stop - local.start, args.updates_per_step)  # fails early on a bad split
+    # fails early on a bad split
+    common.minibatches(local.stop - local.start, args.updates_per_step)
 
     # the policy: a LoRA on the frozen base; the KL reference is the same base with the adapter off
     pipe = common.load_stage_pipeline(args, d.device)
@@ -84,7 +91,8 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     report_to = common.parse_report_to(args.report_to)
     logger = common.MetricsLogger(args.out, d.is_main, resume_step=start - 1,  # drops later rows
-                                  report_to=report_to, config=vars(args), resumed=bool(resumed_from))
+                                  report_to=report_to, config=vars(args),
+                                  resumed=bool(resumed_from))
     eval_prompts = common.load_prompts(args.data_root, tasks, split="test")[:8]
     if heldout:
         heldout.resume(start - 1, d.is_main)
@@ -94,7 +102,8 @@ def main(args):
                total=args.max_steps)
     for step in bar:
         t0 = time.time()
-        # 1. on-policy SDE rollouts: every sample's prompt and noise derive from (seed, step, sample index)
+        # 1. on-policy SDE rollouts: every sample's prompt and noise derive from
+        #    (seed, step, sample index)
         batch = common.on_policy_rollouts(pipe, prompts, args, step, local, args.cfg, d.device, t)
         t1 = time.time()
 
@@ -106,11 +115,13 @@ def main(args):
         advantages, keep = advantages[local], keep[local]
         t2 = time.time()
 
-        # 3. PPO-clipped surrogate + beta KL to the base, on each trained step. Groups whose rewards are
-        #    all equal carry no signal and are dropped (masked); a batch of only such groups is skipped.
+        # 3. PPO-clipped surrogate + beta KL to the base, on each trained step. Groups whose
+        #    rewards are all equal carry no signal and are dropped (masked); a batch of only such
+        #    groups is skipped.
         if not keep.any() and d.is_main:
             tqdm.write(f"step {step}: every group has zero reward variance; no update this step")
-        logs = grpo_update(lora, batch, advantages, keep, t, train_steps, args, d) if keep.any() else []
+        logs = grpo_update(lora, batch, advantages, keep, t, train_steps, args, d) \
+            if keep.any() else []
         if ema:
             ema.update()
         t3 = time.time()
@@ -131,9 +142,11 @@ def main(args):
         if d.is_main and args.eval_every and (step + 1) % args.eval_every == 0:
             grid = common.save_eval_grid(pipe, eval_prompts, args, step, args.cfg)
             logger.log_image(step, "grid", grid)
-        out_of_time = args.max_minutes is not None and common.all_mean(time.time() - began, d.device) > 60 * args.max_minutes
+        out_of_time = args.max_minutes is not None \
+            and common.all_mean(time.time() - began, d.device) > 60 * args.max_minutes
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or out_of_time or stop:
-            common.save_checkpoint(args.out, step, transformer, "policy", common.training_state(optimizer, ema))
+            common.save_checkpoint(args.out, step, transformer, "policy",
+                                   common.training_state(optimizer, ema))
         common.barrier()
         if out_of_time or stop:
             break
@@ -155,7 +168,8 @@ def grpo_update(lora, batch, advantages, keep, t, train_steps, args, d):
     logs = []
     for mb in common.minibatches(xs.shape[0], args.updates_per_step):
         optimizer.zero_grad(set_to_none=True)
-        global_count = len(mb) * d.world_size * len(train_steps)  # each loss term is 1/N of the global mean
+        # each loss term is 1/N of the global mean
+        global_count = len(mb) * d.world_size * len(train_steps)
         for chunk in mb.split(args.micro_batch):
             c, u = (cond[0][chunk], cond[1][chunk]), (uncond[0][chunk], uncond[1][chunk])
             for i in train_steps:
@@ -167,13 +181,16 @@ def grpo_update(lora, batch, advantages, keep, t, train_steps, args, d):
                             common.use_adapter(transformer, "base")
                             v_ref = common.guided_velocity(transformer, x, t[i], c, u, args.cfg)
                             common.use_adapter(transformer, "policy")
-                log_prob = common.sde_step(v, x, t[i], t[i + 1], args.noise_level, x_next=x_next).log_prob
-                policy_loss, clipped, approx_kl = common.ppo_clip_loss(log_prob, old_log_probs[chunk, i],
-                                                                       advantages[chunk], args.clip_range)
-                kl = common.kl_penalty(v, v_ref, t[i], t[i + 1], args.noise_level) if args.kl_beta > 0 else torch.zeros_like(policy_loss)
+                log_prob = common.sde_step(v, x, t[i], t[i + 1], args.noise_level,
+                                           x_next=x_next).log_prob
+                policy_loss, clipped, approx_kl = common.ppo_clip_loss(
+                    log_prob, old_log_probs[chunk, i], advantages[chunk], args.clip_range)
+                kl = common.kl_penalty(v, v_ref, t[i], t[i + 1], args.noise_level) \
+                    if args.kl_beta > 0 else torch.zeros_like(policy_loss)
                 loss = (policy_loss + args.kl_beta * kl) * keep[chunk]
                 (loss.sum() / global_count).backward()
-                logs.append(torch.stack([loss.mean(), kl.mean(), clipped.float().mean(), approx_kl.mean()]).detach())
+                logs.append(torch.stack([loss.mean(), kl.mean(), clipped.float().mean(),
+                                         approx_kl.mean()]).detach())
         common.average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         common.check_finite(grad_norm, "the gradient norm", args.out)

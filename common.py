@@ -821,21 +821,26 @@ PROMPT_FILE_FORMS = ("a folder in Flow-GRPO's layout (<folder>/<split>_metadata.
 
 
 def load_prompt_file(path, task, split="train"):
-    """The prompts of one task, as list of Prompt(text, task, metadata), from a folder in Flow-GRPO's
-    layout (<path>/<split>_metadata.jsonl, else <path>/<split>.txt) or from one file: .jsonl (rows
-    with "prompt", e.g. GenEval's metadata) or .txt (one prompt a line, e.g. T2I-CompBench's)."""
+    """The prompts of one task, as list of Prompt(text, task, metadata), from a folder in
+    Flow-GRPO's layout (<path>/<split>_metadata.jsonl, else <path>/<split>.txt) or from one file:
+    .jsonl (rows with "prompt", e.g. GenEval's metadata) or .txt (one prompt a line, e.g.
+    T2I-CompBench's); a single file is the same for every split."""
     file = path
     if os.path.isdir(path):
-        jsonl, txt = os.path.join(path, f"{split}_metadata.jsonl"), os.path.join(path, f"{split}.txt")
+        jsonl = os.path.join(path, f"{split}_metadata.jsonl")
+        txt = os.path.join(path, f"{split}.txt")
         file = jsonl if os.path.isfile(jsonl) else txt
     if not os.path.isfile(file):
         world = _toy_world_above(file)
+        missing = (f"{path} has no {split} prompts ({split}.txt or {split}_metadata.jsonl)"
+                   if os.path.isdir(path) else f"{path} does not exist")
         if world:  # an old toy world lacks the splits added since (e.g. ood)
-            raise FileNotFoundError(f"{file} does not exist: the toy world {world} was built before "
-                                    f"that split existed (or the split is misspelt); rebuild it with "
+            raise FileNotFoundError(f"{missing}: the toy world {world} was built before that "
+                                    "split existed (or the split is misspelt); rebuild it with "
                                     f"`python toy.py --out {world}`")
         if os.path.isdir(path):
-            raise FileNotFoundError(f"task {task!r} has no {split} prompts: expected {txt} or {jsonl}")
+            raise FileNotFoundError(f"task {task!r} has no {split} prompts: expected {txt} "
+                                    f"or {jsonl}")
         raise FileNotFoundError(f"{path} does not exist; expected {PROMPT_FILE_FORMS}")
     if file.endswith(".jsonl"):
         with open(file) as f:

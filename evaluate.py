@@ -253,9 +253,9 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
     row = None
     if rank == 0:
         results = [done[(it.task, it.i, it.j)] for it in items]
-        row = rewards.summarize([{**r, "task": it.task, "scores": {c: v for c, v in r["scores"].items()
-                                                                   if c in needed(it.task)}}
-                                 for it, r in zip(items, results)])
+        row = rewards.summarize([{**r, "task": it.task, "scores": {
+            c: v for c, v in r["scores"].items() if c in needed(it.task)}}
+            for it, r in zip(items, results)])
         row["generated"] = len(missing)
     return common.gather_objects(row, "receiving rank 0's table row")[0]
 
@@ -313,10 +313,12 @@ def markdown(rows):
     columns = COLUMNS + [(c, c) for c in extra]
     lines = ["| Model | " + " | ".join(title for _, title in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
-    lines += ["| " + " | ".join([r["model"]] + [cell(r, key) for key, _ in columns]) + " |" for r in rows]
+    lines += ["| " + " | ".join([r["model"]] + [cell(r, key) for key, _ in columns]) + " |"
+              for r in rows]
     lines += ["", "Scores ± standard error over prompts. Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26)."]
     if extra:
-        lines[-1] += (f" {', '.join(extra)}: extra prompt sets, in neither the Average nor DeQA.")
+        lines[-1] += (f" After Average, other prompt sets ({', '.join(extra)}): "
+                      "in neither DeQA nor the Average.")
     for column, title in columns:
         key = f"{column}_tags"
         tags = sorted({tag for r in rows for tag in r.get(key, {})})
@@ -446,7 +448,8 @@ def parse_extra_tasks(spec, root):
             raise ValueError(f"--extra-tasks name {name!r}: use letters, digits, '_', '.' or '-' "
                              "(it names a column, a cache file and a grid folder)")
         if name in extra:
-            raise ValueError(f"--extra-tasks names {name!r} twice; give each prompt set its own name")
+            raise ValueError(f"--extra-tasks names {name!r} twice; give each prompt set its "
+                             "own name")
         if name in {key for key, _ in COLUMNS} or name in taken:
             what = "a column of the paper's table" if name not in taken else \
                 f"an in-domain task of --data-root {root!r}"
@@ -534,7 +537,8 @@ def main(args):
            "settings": {"steps": args.steps, "cfg": args.cfg, "resolution": args.resolution, "seed": args.seed,
                         "split": args.split, "limit": args.limit, "images_per_prompt": args.images_per_prompt}}
     if ddp.is_main:
-        grid_missing = any(not os.path.isfile(os.path.join(args.out, "grids", t, f"{file_name}.png"))
+        grid_missing = any(not os.path.isfile(os.path.join(args.out, "grids", t,
+                                                           f"{file_name}.png"))
                            for t in tasks + list(extra))
         if args.grid > 0 and (generated or grid_missing):
             save_grids(pipe, prompts, args.out, file_name, args.grid, **sampling)

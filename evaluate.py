@@ -7,11 +7,14 @@ The protocol is the paper's (Flow-GRPO's): ODE sampling (noise level 0), 40 step
 image per test prompt whose noise depends only on (seed, task, prompt index, image index), so
 every model sees the same noise. Each task's images are scored by its metric, and every image by
 DeQA. Per-image results are cached in <out>/cache/<name>/<task>.jsonl: a killed run continues
-where it stopped, and a finished one is not regenerated. Outputs:
+where it stopped, and a finished one is not regenerated; a column added later (a task, an extra
+task) samples only its own images, and a column whose reward spec changed is scored again alone.
+Reward servers (url: specs, GENEVAL_URL, DEQA_URL) must answer before anything is sampled. Outputs:
 
     <out>/table.json                 {"rows": [{"model", "geneval", "ocr", "deqa", "pickscore", "average",
                                                 "stderr", "geneval_tags", "n", ...}]}; a rerun replaces its row
     <out>/table.md                   the paper's layout, Model | GenEval | OCR | DeQA | PickScore | Average
+                                     (| extra tasks...), then per-tag accuracies
     <out>/grids/<task>/<name>.png    the first --grid prompts of each task, same noise for every model
 
 `python evaluate.py --out OUT --compare A B` prints row A - row B judged prompt by prompt (paired).
@@ -19,10 +22,26 @@ where it stopped, and a finished one is not regenerated. Outputs:
 Columns, on the paper's scale:
     geneval    GenEval's overall score: the accuracy of its strict per-image `correct`, per tag, averaged over tags
     ocr        OCR accuracy, 1 - min(edit distance, len) / len of the quoted text, in [0, 1]
-    deqa       DeQA-Score (1-5), on the images of all tasks
+    deqa       DeQA-Score (1-5), on the images of all in-domain tasks (not --extra-tasks)
     pickscore  PickScore, the raw logit (~21-23 on SD3.5-M)
     average    the paper's Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26) (rewards.paper_average)
 Each score comes with its standard error over prompts (the images of one prompt are not independent).
+
+Out-of-distribution (or any other) prompts: `--extra-tasks NAME=PATH[,NAME=PATH...]` adds a task
+NAME per prompt set, a column NAME after Average, scored by `--metrics NAME=REWARD` (any spec of
+rewards.py: a name, module:function, a blend, url:http://host:port). PATH is a folder in
+Flow-GRPO's layout (<PATH>/<split>_metadata.jsonl or <PATH>/<split>.txt, --split), a .txt file
+(one prompt a line: T2I-CompBench's dataset_val/color_val.txt) or a .jsonl file (GenEval metadata
+rows: Flow-GRPO's geneval_unseen_objects). Its noise depends on (seed, NAME, i, j) like any task's;
+--limit, the cache, --compare and grids/NAME/ work as for the paper's tasks. DeQA scores only the
+in-domain tasks' images, so an extra task changes neither the DeQA column nor a row's Average. A
+column whose metric reports GenEval's per-image `correct` (and `tag`) is GenEval's score whatever
+its name: strict accuracy per tag, averaged over tags, with its tags in table.json as
+<NAME>_tags (GenEval's own: geneval_tags) and in table.md's per-tag tables.
+
+    python evaluate.py --adapters out/opd/final --name flow-opd --extra-tasks \
+        unseen=dataset/geneval_unseen_objects,color=T2I-CompBench/dataset_val/color_val.txt \
+        --metrics unseen=geneval,color=url:http://127.0.0.1:18090
 
 A model folder can name its own metrics in its flow_opd.json ("metrics": {column: reward spec},
 "metric_scales": {spec: factor to the column's scale}); the toy world names its analogues so

@@ -70,6 +70,8 @@ import torch.distributed as dist
 import common
 import rewards
 
+# the other keys of a table row, which a column name must not take
+ROW_KEYS = {"model", "stderr", "n", "metrics", "extra_tasks", "adapters", "settings", "generated"}
 COLUMNS = [("geneval", "GenEval"), ("ocr", "OCR"), ("deqa", "DeQA"), ("pickscore", "PickScore"), ("average", "Average")]
 
 
@@ -469,10 +471,13 @@ def parse_extra_tasks(spec, root):
         if name in extra:
             raise ValueError(f"--extra-tasks names {name!r} twice; give each prompt set its "
                              "own name")
-        if name in {key for key, _ in COLUMNS} or name in taken:
-            what = "a column of the paper's table" if name not in taken else \
-                f"an in-domain task of --data-root {root!r}"
-            raise ValueError(f"--extra-tasks name {name!r} is {what}; choose another name")
+        if name in taken:
+            raise ValueError(f"--extra-tasks name {name!r} is an in-domain task of --data-root "
+                             f"{root!r}; choose another name")
+        if name in {key for key, _ in COLUMNS} or name in ROW_KEYS or name.endswith("_tags"):
+            raise ValueError(f"--extra-tasks name {name!r} is a column or key of the table "
+                             f"(reserved: {', '.join(k for k, _ in COLUMNS)}, "
+                             f"{', '.join(sorted(ROW_KEYS))}, *_tags); choose another name")
         extra[name] = path
     return extra
 

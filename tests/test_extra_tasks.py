@@ -133,9 +133,10 @@ def test_bad_extra_tasks_fail_before_sampling(tiny_model, data_root, tmp_path, f
           f"color={tmp_path / 'prompts.csv'}")
     fails(ValueError, r"--extra-tasks name 'ocr' is an in-domain task of --data-root .*; "
           "choose another name", f"ocr={color}")
-    for reserved in ("deqa", "average"):
-        fails(ValueError, f"--extra-tasks name '{reserved}' is a column of the paper's table; "
-              "choose another name", f"{reserved}={color}")
+    for reserved in ("deqa", "average", "n", "unseen_tags"):
+        fails(ValueError, f"--extra-tasks name '{reserved}' is a column or key of the table "
+              r"\(reserved: geneval, ocr, deqa, pickscore, average, adapters, .*\); choose another",
+              f"{reserved}={color}")
     fails(ValueError, r"--extra-tasks item 'color': expected NAME=PATH", "color")
     fails(ValueError, r"no metric for extra task 'shape': pass --metrics shape=REWARD",
           f"color={color},shape={prompt_sets / 'shape_val.txt'}")

@@ -809,23 +809,65 @@ def load_prompts(root, tasks, split="train"):
     known = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     prompts = []
     for task in tasks:
-        folder = os.path.join(root, task)
         if task not in known:
             raise ValueError(f"unknown task {task!r}: {root!r} has tasks {known}")
-        jsonl, txt = os.path.join(folder, f"{split}_metadata.jsonl"), os.path.join(folder, f"{split}.txt")
-        if os.path.isfile(jsonl):
-            with open(jsonl) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            found = [Prompt(row["prompt"], task, row) for row in rows]
-        elif os.path.isfile(txt):
-            with open(txt) as f:
-                found = [Prompt(line.strip(), task, {}) for line in f if line.strip()]
-        else:
-            raise FileNotFoundError(f"task {task!r} has no {split} prompts: expected {txt} or {jsonl}")
-        if not found:
-            raise ValueError(f"task {task!r}: {jsonl if os.path.isfile(jsonl) else txt} holds no prompts")
-        prompts.extend(found)
+        prompts.extend(load_prompt_file(os.path.join(root, task), task, split))
     return prompts
+
+
+PROMPT_FILE_FORMS = ("a folder in Flow-GRPO's layout (<folder>/<split>_metadata.jsonl or "
+                     "<folder>/<split>.txt), a .txt file (one prompt a line) or a .jsonl file "
+                     "(rows with \"prompt\", GenEval's metadata)")
+
+
+def load_prompt_file(path, task, split="train"):
+    """The prompts of one task, as list of Prompt(text, task, metadata), from a folder in
+    Flow-GRPO's layout (<path>/<split>_metadata.jsonl, else <path>/<split>.txt) or from one file:
+    .jsonl (rows with "prompt", e.g. GenEval's metadata) or .txt (one prompt a line, e.g.
+    T2I-CompBench's); a single file is the same for every split."""
+    file = path
+    if os.path.isdir(path):
+        jsonl = os.path.join(path, f"{split}_metadata.jsonl")
+        txt = os.path.join(path, f"{split}.txt")
+        file = jsonl if os.path.isfile(jsonl) else txt
+    if not os.path.isfile(file):
+        world = _toy_world_above(file)
+        missing = (f"{path} has no {split} prompts ({split}.txt or {split}_metadata.jsonl)"
+                   if os.path.isdir(path) else f"{path} does not exist")
+        if world:  # an old toy world lacks the splits added since (e.g. ood)
+            raise FileNotFoundError(f"{missing}: the toy world {world} was built before that "
+                                    "split existed (or the split is misspelt); rebuild it with "
+                                    f"`python toy.py --out {world}`")
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"task {task!r} has no {split} prompts: expected {txt} "
+                                    f"or {jsonl}")
+        raise FileNotFoundError(f"{path} does not exist; expected {PROMPT_FILE_FORMS}")
+    if file.endswith(".jsonl"):
+        with open(file) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if any(not isinstance(row, dict) or "prompt" not in row for row in rows):
+            raise ValueError(f"{file}: every line must be a JSON object with a \"prompt\"")
+        found = [Prompt(row["prompt"], task, row) for row in rows]
+    elif file.endswith(".txt"):
+        with open(file) as f:
+            found = [Prompt(line.strip(), task, {}) for line in f if line.strip()]
+    else:
+        raise ValueError(f"{path} is no known prompt file; expected {PROMPT_FILE_FORMS}")
+    if not found:
+        raise ValueError(f"task {task!r}: {file} holds no prompts")
+    return found
+
+
+def _toy_world_above(path):
+    """The nearest existing folder above path that holds a toy world's world.json, or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isfile(os.path.join(folder, "world.json")):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
 
 
 def parse_tasks(spec, root):

@@ -7,11 +7,14 @@ The protocol is the paper's (Flow-GRPO's): ODE sampling (noise level 0), 40 step
 image per test prompt whose noise depends only on (seed, task, prompt index, image index), so
 every model sees the same noise. Each task's images are scored by its metric, and every image by
 DeQA. Per-image results are cached in <out>/cache/<name>/<task>.jsonl: a killed run continues
-where it stopped, and a finished one is not regenerated. Outputs:
+where it stopped, and a finished one is not regenerated; a column added later (a task, an extra
+task) samples only its own images, and a column whose reward spec changed is scored again alone.
+Reward servers (url: specs, GENEVAL_URL, DEQA_URL) must answer before anything is sampled. Outputs:
 
     <out>/table.json                 {"rows": [{"model", "geneval", "ocr", "deqa", "pickscore", "average",
                                                 "stderr", "geneval_tags", "n", ...}]}; a rerun replaces its row
     <out>/table.md                   the paper's layout, Model | GenEval | OCR | DeQA | PickScore | Average
+                                     (| extra tasks...), then per-tag accuracies
     <out>/grids/<task>/<name>.png    the first --grid prompts of each task, same noise for every model
 
 `python evaluate.py --out OUT --compare A B` prints row A - row B judged prompt by prompt (paired).
@@ -19,10 +22,26 @@ where it stopped, and a finished one is not regenerated. Outputs:
 Columns, on the paper's scale:
     geneval    GenEval's overall score: the accuracy of its strict per-image `correct`, per tag, averaged over tags
     ocr        OCR accuracy, 1 - min(edit distance, len) / len of the quoted text, in [0, 1]
-    deqa       DeQA-Score (1-5), on the images of all tasks
+    deqa       DeQA-Score (1-5), on the images of all in-domain tasks (not --extra-tasks)
     pickscore  PickScore, the raw logit (~21-23 on SD3.5-M)
     average    the paper's Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26) (rewards.paper_average)
 Each score comes with its standard error over prompts (the images of one prompt are not independent).
+
+Out-of-distribution (or any other) prompts: `--extra-tasks NAME=PATH[,NAME=PATH...]` adds a task
+NAME per prompt set, a column NAME after Average, scored by `--metrics NAME=REWARD` (any spec of
+rewards.py: a name, module:function, a blend, url:http://host:port). PATH is a folder in
+Flow-GRPO's layout (<PATH>/<split>_metadata.jsonl or <PATH>/<split>.txt, --split), a .txt file
+(one prompt a line: T2I-CompBench's dataset_val/color_val.txt) or a .jsonl file (GenEval metadata
+rows: Flow-GRPO's geneval_unseen_objects). Its noise depends on (seed, NAME, i, j) like any task's;
+--limit, the cache, --compare and grids/NAME/ work as for the paper's tasks. DeQA scores only the
+in-domain tasks' images, so an extra task changes neither the DeQA column nor a row's Average. A
+column whose metric reports GenEval's per-image `correct` (and `tag`) is GenEval's score whatever
+its name: strict accuracy per tag, averaged over tags, with its tags in table.json as
+<NAME>_tags (GenEval's own: geneval_tags) and in table.md's per-tag tables.
+
+    python evaluate.py --adapters out/opd/final --name flow-opd --extra-tasks \
+        unseen=dataset/geneval_unseen_objects,color=T2I-CompBench/dataset_val/color_val.txt \
+        --metrics unseen=geneval,color=url:http://127.0.0.1:18090
 
 A model folder can name its own metrics in its flow_opd.json ("metrics": {column: reward spec},
 "metric_scales": {spec: factor to the column's scale}); the toy world names its analogues so
@@ -51,6 +70,8 @@ import torch.distributed as dist
 import common
 import rewards
 
+# the other keys of a table row, which a column name must not take
+ROW_KEYS = {"model", "stderr", "n", "metrics", "extra_tasks", "adapters", "settings", "generated"}
 COLUMNS = [("geneval", "GenEval"), ("ocr", "OCR"), ("deqa", "DeQA"), ("pickscore", "PickScore"), ("average", "Average")]
 
 
@@ -64,6 +85,10 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", default="all", help="comma-separated tasks, or 'all': those of geneval, ocr, "
                         "pickscore (any task with a metric) present in --data-root; DeQA scores every task's images")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--extra-tasks", default="", metavar="NAME=PATH[,NAME=PATH...]",
+                        help="more prompt sets, each a column NAME after Average scored by "
+                             "--metrics NAME=REWARD (not in DeQA or the Average); PATH: a folder "
+                             "in Flow-GRPO's layout (--split), a .txt or a .jsonl file")
     parser.add_argument("--metrics", default="", help="column=reward overrides, comma-separated, e.g. 'deqa=none'. "
                         "Defaults: geneval=geneval,ocr=ocr,pickscore=pickscore,deqa=deqa (servers: GENEVAL_URL, "
                         "DEQA_URL), or those the model folder's flow_opd.json names (the toy's)")
@@ -92,15 +117,32 @@ def parse_args(argv=None):
 
 def read_cache(cache_dir, settings):
     """{(task, i, j): result} from an earlier run with the same settings; another run's cache is discarded.
-    A later line of an item replaces an earlier one."""
+    A later line of an item replaces an earlier one. Metrics count one column at a time: a run
+    with more or fewer task columns keeps the cache, a task column whose reward spec changed
+    loses its file (<task>.jsonl), and a changed quality metric (deqa) starts the cache over."""
     path = os.path.join(cache_dir, "settings.json")
+    specs = settings.get("metric_specs", {})
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        if old != settings:
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        per_column = ("metrics", "metric_specs")
+        old_specs = old.get("metric_specs", {})
+        respecified = sorted(c for c in specs if c in old_specs and old_specs[c] != specs[c])
+        changed = sorted(k for k in set(old) | set(settings)
+                         if k not in per_column and old.get(k) != settings.get(k))
+        changed += ["deqa metric"] if "deqa" in respecified else []
+        if changed:
             print(f"evaluate: the cache in {cache_dir} was made with other {', '.join(changed)}: starting it over")
             shutil.rmtree(cache_dir)
+        else:
+            for column in respecified:  # that column's images are scored again
+                if os.path.isfile(os.path.join(cache_dir, f"{column}.jsonl")):
+                    print(f"evaluate: {column} was scored with {old_specs[column]!r} in "
+                          f"{cache_dir}: scoring it again with {specs[column]!r}")
+                    os.remove(os.path.join(cache_dir, f"{column}.jsonl"))
+            # remember the specs of columns this run leaves out, for a later run that has them
+            specs = {**old_specs, **specs}
+    settings = {**settings, **({"metric_specs": specs} if specs else {})}
     os.makedirs(cache_dir, exist_ok=True)
     with open(path, "w") as f:
         json.dump(settings, f, indent=1)
@@ -178,12 +220,13 @@ def paired_difference(out_dir, a, b):
 
 def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resolution=512, max_sequence_length=256,
              shift=3.0, batch_size=16, images_per_prompt=1, device="cpu", mixed_precision=None, cache_dir=None,
-             settings=None, progress=True):
+             settings=None, progress=True, quality_tasks=None):
     """Score the pipeline's transformer (with its active adapters) on `prompts`; returns the table row.
 
     prompts: common.Prompt list (common.load_prompts); a prompt's index counts within its task, so the
     same prompt list gives every model the same noise. metrics: {column: details function}, as
-    load_metric returns; the column named like a task scores that task's images, 'deqa' scores all.
+    load_metric returns; the column named like a task scores that task's images, 'deqa' scores
+    those of quality_tasks (None: all).
     Under torchrun each rank samples a strided share; every rank gets the row. With cache_dir,
     results are cached there and only missing images are generated; `settings` (with the sampling
     settings) identifies the cache: a cache made with other settings is started over.
@@ -195,9 +238,19 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
     settings = {"seed": seed, "steps": steps, "cfg": guidance_scale, "resolution": resolution,
                 "max_sequence_length": max_sequence_length, "shift": shift, "metrics": sorted(metrics), **(settings or {})}
     done = read_cache(cache_dir, settings) if cache_dir and rank == 0 else {}
-    # an item is missing when it is not cached, or cached for another prompt (the prompt file changed)
+
+    def needed(task):  # the columns that score a task's images
+        quality = "deqa" in metrics and (quality_tasks is None or task in quality_tasks)
+        return ({task} & set(metrics)) | ({"deqa"} if quality else set())
+
+    def cached(it):  # the item's cached result, when it is for this prompt and has every column
+        result = done.get((it.task, it.i, it.j), {})
+        return result.get("prompt") == it.prompt.text and needed(it.task) <= set(result["scores"])
+
+    # an item is missing when it is not cached, cached for another prompt (the prompt file
+    # changed) or cached without a column it needs (a metric added since)
     missing = common.gather_objects([k for k, it in enumerate(items)  # rank 0's list on every rank
-                                     if done.get((it.task, it.i, it.j), {}).get("prompt") != it.prompt.text],
+                                     if not cached(it)],
                                     "receiving rank 0's list of missing images")[0]
     mine = missing[rank::world]  # strided share: ranks sample the same number of images, +-1
     rounds = math.ceil(len(missing) / (world * batch_size))
@@ -208,7 +261,8 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
         if batch:
             images = common.generate_items(pipe, batch, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
                                     batch_size, device, mixed_precision)
-            results = [{"task": it.task, **res} for it, res in zip(batch, rewards.score_items(metrics, batch, images))]
+            scored = rewards.score_items(metrics, batch, images, quality_tasks)
+            results = [{"task": it.task, **res} for it, res in zip(batch, scored)]
         results = [res for part in common.gather_objects(results, "gathering the scored images")
                    for res in part]
         if rank == 0:
@@ -219,7 +273,10 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
     bar.close()
     row = None
     if rank == 0:
-        row = rewards.summarize([{"task": it.task, **done[(it.task, it.i, it.j)]} for it in items])
+        results = [done[(it.task, it.i, it.j)] for it in items]
+        row = rewards.summarize([{**r, "task": it.task, "scores": {
+            c: v for c, v in r["scores"].items() if c in needed(it.task)}}
+            for it, r in zip(items, results)])
         row["generated"] = len(missing)
     return common.gather_objects(row, "receiving rank 0's table row")[0]
 
@@ -264,20 +321,33 @@ def write_table(out_dir, row):
 
 
 def markdown(rows):
-    """The paper's table, every score +- its standard error, then GenEval's per-tag accuracies."""
+    """The paper's table, every score +- its standard error, the extra tasks' columns after
+    Average, then the per-tag accuracies of GenEval (and of GenEval-like extra columns)."""
     def cell(row, key):
         if row.get(key) is None:
             return "-"
         stderr = row.get("stderr", {}).get(key)
         return f"{row[key]:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
 
-    lines = ["| Model | " + " | ".join(title for _, title in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    lines += ["| " + " | ".join([r["model"]] + [cell(r, key) for key, _ in COLUMNS]) + " |" for r in rows]
+    known = {key for key, _ in COLUMNS}
+    extra = list(dict.fromkeys(c for r in rows for c in r.get("n", {}) if c not in known))
+    columns = COLUMNS + [(c, c) for c in extra]
+    lines = ["| Model | " + " | ".join(title for _, title in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + " | ".join([r["model"]] + [cell(r, key) for key, _ in columns]) + " |"
+              for r in rows]
     lines += ["", "Scores ± standard error over prompts. Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26)."]
-    tags = sorted({tag for r in rows for tag in r.get("geneval_tags", {})})
-    if tags:
-        lines += ["", "GenEval accuracy by tag:", "", "| Model | " + " | ".join(tags) + " |", "|---" * (len(tags) + 1) + "|"]
-        lines += ["| " + " | ".join([r["model"]] + [f"{r['geneval_tags'][t]:.3f}" if t in r.get("geneval_tags", {})
+    if extra:
+        lines[-1] += (f" After Average, other prompt sets ({', '.join(extra)}): "
+                      "in neither DeQA nor the Average.")
+    for column, title in columns:
+        key = f"{column}_tags"
+        tags = sorted({tag for r in rows for tag in r.get(key, {})})
+        if not tags:
+            continue
+        lines += ["", f"{title} accuracy by tag:", "", "| Model | " + " | ".join(tags) + " |",
+                  "|---" * (len(tags) + 1) + "|"]
+        lines += ["| " + " | ".join([r["model"]] + [f"{r[key][t]:.3f}" if t in r.get(key, {})
                                                      else "-" for t in tags]) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -384,6 +454,34 @@ def select_tasks(spec, root, specs):
     return tasks
 
 
+def parse_extra_tasks(spec, root):
+    """--extra-tasks 'NAME=PATH,...' -> {NAME: PATH}, each NAME free: not a task of the data
+    root, nor a column of the paper's table."""
+    taken = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
+        if os.path.isdir(root) else []
+    extra = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, sep, path = (s.strip() for s in item.partition("="))
+        if not sep or not name or not path:
+            raise ValueError(f"--extra-tasks item {item!r}: expected NAME=PATH "
+                             "(e.g. color=T2I-CompBench/dataset_val/color_val.txt)")
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+            raise ValueError(f"--extra-tasks name {name!r}: use letters, digits, '_', '.' or '-' "
+                             "(it names a column, a cache file and a grid folder)")
+        if name in extra:
+            raise ValueError(f"--extra-tasks names {name!r} twice; give each prompt set its "
+                             "own name")
+        if name in taken:
+            raise ValueError(f"--extra-tasks name {name!r} is an in-domain task of --data-root "
+                             f"{root!r}; choose another name")
+        if name in {key for key, _ in COLUMNS} or name in ROW_KEYS or name.endswith("_tags"):
+            raise ValueError(f"--extra-tasks name {name!r} is a column or key of the table "
+                             f"(reserved: {', '.join(k for k, _ in COLUMNS)}, "
+                             f"{', '.join(sorted(ROW_KEYS))}, *_tags); choose another name")
+        extra[name] = path
+    return extra
+
+
 def load_adapters(transformer, loras, paths=None):
     """Attach LoRAs given as (state, config) (common.read_lora), all active together; [] = the base model.
     paths: where they came from, named in errors."""
@@ -427,12 +525,23 @@ def main(args):
     model_info = common.model_defaults(args.model)
     specs = rewards.metric_specs(args.metrics, model_info.get("metrics"))
     tasks = select_tasks(args.tasks, args.data_root, specs)
+    extra = parse_extra_tasks(args.extra_tasks, args.data_root)
+    for task in extra:
+        if task not in specs:
+            raise ValueError(f"no metric for extra task {task!r}: pass --metrics {task}=REWARD "
+                             "(a reward spec: a name, module:function, a blend or url:http://...)")
     prompts = common.load_prompts(args.data_root, tasks, args.split)
+    for task, path in extra.items():
+        prompts += common.load_prompt_file(path, task, args.split)
     if args.limit:
         prompts = [p for p, it in zip(prompts, common.eval_items(prompts)) if it.i < args.limit]
     server = common.reward_server_options(args)
+    used = {column: spec for column, spec in specs.items()
+            if column in tasks or column in extra or column == "deqa"}
+    for spec in used.values():  # a server that is down or hung fails here, before any sampling
+        rewards.check_servers(spec, min(server["timeout"], 10.0))
     metrics = {column: rewards.load_metric(spec, server, model_info.get("metric_scales"))
-               for column, spec in specs.items() if column in tasks or column == "deqa"}
+               for column, spec in used.items()}
     loras = [common.read_lora(path) for path in adapters]  # a bad path fails before the model loads
 
     pipe = common.load_stage_pipeline(args, ddp.device)
@@ -444,13 +553,17 @@ def main(args):
                 "metric_specs": {c: specs[c] for c in metrics}, "split": args.split,
                 "mixed_precision": args.mixed_precision}
     row = evaluate(pipe, prompts, metrics, images_per_prompt=args.images_per_prompt,
-                   cache_dir=os.path.join(args.out, "cache", file_name), settings=settings, **sampling)
+                   cache_dir=os.path.join(args.out, "cache", file_name), settings=settings,
+                   quality_tasks=tasks, **sampling)
     generated = row.pop("generated")
-    row = {"model": name, **row, "metrics": settings["metric_specs"], "adapters": adapters,
+    row = {"model": name, **row, "metrics": settings["metric_specs"], "extra_tasks": extra,
+           "adapters": adapters,
            "settings": {"steps": args.steps, "cfg": args.cfg, "resolution": args.resolution, "seed": args.seed,
                         "split": args.split, "limit": args.limit, "images_per_prompt": args.images_per_prompt}}
     if ddp.is_main:
-        grid_missing = any(not os.path.isfile(os.path.join(args.out, "grids", t, f"{file_name}.png")) for t in tasks)
+        grid_missing = any(not os.path.isfile(os.path.join(args.out, "grids", t,
+                                                           f"{file_name}.png"))
+                           for t in tasks + list(extra))
         if args.grid > 0 and (generated or grid_missing):
             save_grids(pipe, prompts, args.out, file_name, args.grid, **sampling)
         write_table(args.out, row)

@@ -407,15 +407,42 @@ def import_reward(module, function):
 
 
 def url_reward(url, batch_size=16, timeout=120.0, attempts=3, backoff=1.0):
-    """`url:URL`: the reward server at URL (rewards.remote), checked to be listening when loaded."""
-    parsed = urllib.parse.urlsplit(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=min(timeout, 10.0)).close()
-    except OSError as e:
-        raise ValueError(f"reward server {url} cannot be reached ({e.__class__.__name__}: {e}); "
-                         "start it, or fix the url: in the reward spec") from None
+    """`url:URL`: the reward server at URL (rewards.remote), checked to answer when loaded."""
+    check_server(url, min(timeout, 10.0), "fix the url: in the reward spec")
     return remote(url, batch_size, timeout, attempts, backoff)
+
+
+def check_server(url, timeout=10.0, fix="fix its address"):
+    """Raise ValueError unless the server at url answers an HTTP GET within timeout seconds: any
+    HTTP answer counts (reward_server.py answers 200, a POST-only server 404 or 405), so that a
+    server that is down or hung fails before a run samples anything."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        opener.open(urllib.request.Request(url, method="GET"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, http.client.HTTPException) as e:
+        e = getattr(e, "reason", e)
+        if isinstance(e, (socket.timeout, TimeoutError)):
+            raise ValueError(f"reward server {url} does not answer (no reply within {timeout:g} "
+                             f"s); restart it, or {fix}") from None
+        raise ValueError(f"reward server {url} cannot be reached ({e.__class__.__name__}: {e}); "
+                         f"start it, or {fix}") from None
+
+
+# name -> the variable with its server's address, for the registered rewards that are servers
+SERVER_VARIABLES = {"geneval": "GENEVAL_URL", "deqa": "DEQA_URL"}
+
+
+def check_servers(spec, timeout=10.0):
+    """Check that every reward server a spec uses answers (check_server): its url: parts, and the
+    GENEVAL_URL / DEQA_URL servers of geneval and deqa (an unset variable fails when loaded)."""
+    for ref, _ in parse_spec(spec):
+        if ref.startswith("url:"):
+            check_server(ref[len("url:"):], timeout, "fix the url: in the reward spec")
+        elif ref in SERVER_VARIABLES and os.environ.get(SERVER_VARIABLES[ref]):
+            variable = SERVER_VARIABLES[ref]
+            check_server(os.environ[variable], timeout, f"fix {variable}")
 
 
 def parse_spec(spec):
@@ -534,12 +561,16 @@ def load_metric(spec, server=None, scales=None):
     return scored
 
 
-def score_items(metrics, items, images):
-    """Per-image results: the task's metric on its own images, 'deqa' on every image.
-    items: (task, i, j, prompt) tuples (common.eval_items), images: [N, ...] in their order."""
+def score_items(metrics, items, images, quality_tasks=None):
+    """Per-image results: the task's metric on its own images, 'deqa' on the images of
+    quality_tasks (None: every image). items: (task, i, j, prompt) tuples (common.eval_items),
+    images: [N, ...] in their order. A metric that reports GenEval's per-image `correct` also
+    gives each of its images a "tag" (summarize averages such a column over tags)."""
     results = [{"i": it.i, "j": it.j, "prompt": it.prompt.text, "scores": {}} for it in items]
     for column, details in metrics.items():
-        idx = [k for k, it in enumerate(items) if column == "deqa" or it.task == column]
+        quality = column == "deqa"
+        idx = [k for k, it in enumerate(items) if it.task == column
+               or (quality and (quality_tasks is None or it.task in quality_tasks))]
         if not idx:
             continue
         rows = details(images[idx], [items[k].prompt.text for k in idx], [items[k].prompt.metadata for k in idx])
@@ -547,7 +578,7 @@ def score_items(metrics, items, images):
             if column == "geneval" and "correct" not in row:
                 raise ValueError("the geneval metric must report GenEval's per-image 'correct' (and 'tag')")
             results[k]["scores"][column] = float(row["score"])
-            if column == "geneval":
+            if "correct" in row and not quality:
                 results[k]["tag"] = row.get("tag") or items[k].prompt.metadata.get("tag") or "all"
     return results
 
@@ -566,21 +597,23 @@ def summarize(results):
             per_prompt.setdefault(column, {}).setdefault((r["task"], r["i"]), []).append(value)
         if "tag" in r:
             tags[(r["task"], r["i"])] = r["tag"]
+    # GenEval-like columns: the task's own column, when its images carry GenEval's tags
+    tagged = {task for task, _ in tags}
     row = {"stderr": {}, "n": {}}
     for column, prompts in per_prompt.items():
         means = {key: float(np.mean(v)) for key, v in prompts.items()}
         row["n"][column] = sum(len(v) for v in prompts.values())
-        if column == "geneval":
+        if column in tagged:
             # GenEval's overall score is the mean of its per-tag accuracies
             by_tag = {}
             for key, value in means.items():
-                by_tag.setdefault(tags[key], []).append(value)
+                by_tag.setdefault(tags.get(key, "all"), []).append(value)
             stats = {tag: mean_stderr(v) for tag, v in sorted(by_tag.items())}
-            row["geneval_tags"] = {tag: m for tag, (m, _) in stats.items()}
-            row["geneval"] = float(np.mean([m for m, _ in stats.values()]))
+            row[f"{column}_tags"] = {tag: m for tag, (m, _) in stats.items()}
+            row[column] = float(np.mean([m for m, _ in stats.values()]))
             errors = [se for _, se in stats.values()]
-            row["stderr"]["geneval"] = (None if None in errors else
-                                        math.sqrt(sum(se**2 for se in errors)) / len(errors))
+            row["stderr"][column] = (None if None in errors else
+                                     math.sqrt(sum(se**2 for se in errors)) / len(errors))
         else:
             row[column], row["stderr"][column] = mean_stderr(list(means.values()))
     if all(c in row for c in AVERAGE_DIVISOR):

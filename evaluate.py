@@ -1,7 +1,9 @@
 """Score a model on the paper's benchmarks and add its row to a side-by-side table.
 
-    python evaluate.py --model stabilityai/stable-diffusion-3.5-medium --name base --data-root dataset
-    torchrun --nproc_per_node 8 evaluate.py --adapters out/opd/final --name flow-opd --data-root dataset
+    python evaluate.py --model stabilityai/stable-diffusion-3.5-medium --name base \
+        --data-root dataset
+    torchrun --nproc_per_node 8 evaluate.py --adapters out/opd/final --name flow-opd \
+        --data-root dataset
 
 The protocol is the paper's (Flow-GRPO's): ODE sampling (noise level 0), 40 steps, CFG 4.5, one
 image per test prompt whose noise depends only on (seed, task, prompt index, image index), so
@@ -9,23 +11,28 @@ every model sees the same noise. Each task's images are scored by its metric, an
 DeQA. Per-image results are cached in <out>/cache/<name>/<task>.jsonl: a killed run continues
 where it stopped, and a finished one is not regenerated; a column added later (a task, an extra
 task) samples only its own images, and a column whose reward spec changed is scored again alone.
-Reward servers (url: specs, GENEVAL_URL, DEQA_URL) must answer before anything is sampled. Outputs:
+Reward servers (url: specs, GENEVAL_URL, DEQA_URL) must answer before anything is sampled.
+Outputs:
 
-    <out>/table.json                 {"rows": [{"model", "geneval", "ocr", "deqa", "pickscore", "average",
-                                                "stderr", "geneval_tags", "n", ...}]}; a rerun replaces its row
-    <out>/table.md                   the paper's layout, Model | GenEval | OCR | DeQA | PickScore | Average
-                                     (| extra tasks...), then per-tag accuracies
-    <out>/grids/<task>/<name>.png    the first --grid prompts of each task, same noise for every model
+    <out>/table.json               {"rows": [{"model", "geneval", "ocr", "deqa", "pickscore",
+                                              "average", "stderr", "geneval_tags", "n", ...}]};
+                                   a rerun replaces its row
+    <out>/table.md                 the paper's layout, Model | GenEval | OCR | DeQA | PickScore |
+                                   Average (| extra tasks...), then per-tag accuracies
+    <out>/grids/<task>/<name>.png  the first --grid prompts of each task, same noise for every model
 
 `python evaluate.py --out OUT --compare A B` prints row A - row B judged prompt by prompt (paired).
 
 Columns, on the paper's scale:
-    geneval    GenEval's overall score: the accuracy of its strict per-image `correct`, per tag, averaged over tags
+    geneval    GenEval's overall score: the accuracy of its strict per-image `correct`, per tag,
+               averaged over tags
     ocr        OCR accuracy, 1 - min(edit distance, len) / len of the quoted text, in [0, 1]
     deqa       DeQA-Score (1-5), on the images of all in-domain tasks (not --extra-tasks)
     pickscore  PickScore, the raw logit (~21-23 on SD3.5-M)
-    average    the paper's Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26) (rewards.paper_average)
-Each score comes with its standard error over prompts (the images of one prompt are not independent).
+    average    the paper's Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26)
+               (rewards.paper_average)
+Each score comes with its standard error over prompts (the images of one prompt are not
+independent).
 
 Out-of-distribution (or any other) prompts: `--extra-tasks NAME=PATH[,NAME=PATH...]` adds a task
 NAME per prompt set, a column NAME after Average, scored by `--metrics NAME=REWARD` (any spec of
@@ -72,38 +79,51 @@ import rewards
 
 # the other keys of a table row, which a column name must not take
 ROW_KEYS = {"model", "stderr", "n", "metrics", "extra_tasks", "adapters", "settings", "generated"}
-COLUMNS = [("geneval", "GenEval"), ("ocr", "OCR"), ("deqa", "DeQA"), ("pickscore", "PickScore"), ("average", "Average")]
+COLUMNS = [("geneval", "GenEval"), ("ocr", "OCR"), ("deqa", "DeQA"), ("pickscore", "PickScore"),
+           ("average", "Average")]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_model_args(parser)
     parser.add_argument("--adapters", default="",
-                        help="LoRA folders/files or hub ids, comma-separated, all active together (none = the base model)")
-    parser.add_argument("--name", default=None, help="row name in the table (default: 'base' or the adapter paths)")
-    parser.add_argument("--data-root", default="dataset", help="Flow-GRPO's dataset/ folder (<task>/test.txt, ...)")
-    parser.add_argument("--tasks", default="all", help="comma-separated tasks, or 'all': those of geneval, ocr, "
-                        "pickscore (any task with a metric) present in --data-root; DeQA scores every task's images")
+                        help="LoRA folders/files or hub ids, comma-separated, all active together "
+                             "(none = the base model)")
+    parser.add_argument("--name", default=None,
+                        help="row name in the table (default: 'base' or the adapter paths)")
+    parser.add_argument("--data-root", default="dataset",
+                        help="Flow-GRPO's dataset/ folder (<task>/test.txt, ...)")
+    parser.add_argument("--tasks", default="all",
+                        help="comma-separated tasks, or 'all': those of geneval, ocr, pickscore "
+                             "(any task with a metric) present in --data-root; DeQA scores every "
+                             "task's images")
     parser.add_argument("--split", default="test")
     parser.add_argument("--extra-tasks", default="", metavar="NAME=PATH[,NAME=PATH...]",
                         help="more prompt sets, each a column NAME after Average scored by "
                              "--metrics NAME=REWARD (not in DeQA or the Average); PATH: a folder "
                              "in Flow-GRPO's layout (--split), a .txt or a .jsonl file")
-    parser.add_argument("--metrics", default="", help="column=reward overrides, comma-separated, e.g. 'deqa=none'. "
-                        "Defaults: geneval=geneval,ocr=ocr,pickscore=pickscore,deqa=deqa (servers: GENEVAL_URL, "
-                        "DEQA_URL), or those the model folder's flow_opd.json names (the toy's)")
+    parser.add_argument("--metrics", default="",
+                        help="column=reward overrides, comma-separated, e.g. 'deqa=none'. "
+                             "Defaults: geneval=geneval,ocr=ocr,pickscore=pickscore,deqa=deqa "
+                             "(servers: GENEVAL_URL, DEQA_URL), or those the model folder's "
+                             "flow_opd.json names (the toy's)")
     parser.add_argument("--sample-steps", "--steps", dest="steps", type=int, default=40,
                         help="ODE sampling steps, the paper's eval: 40 (--steps: the old name)")
-    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale w in (CFG)")
+    parser.add_argument("--cfg", type=float, default=4.5,
+                        help="classifier-free guidance scale w in (CFG)")
     parser.add_argument("--sample-batch", "--batch-size", dest="batch_size", type=int, default=16,
                         help="images sampled at once, per process (--batch-size: the old name)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of each task")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N prompts of each task")
     parser.add_argument("--images-per-prompt", type=int, default=1,
-                        help="images per prompt (more lowers the standard error on small test sets)")
+                        help="images per prompt (more lowers the standard error "
+                             "on small test sets)")
     parser.add_argument("--grid", type=int, default=8, help="prompts per task in the image grids")
-    parser.add_argument("--out", default="out/eval", help="folder of table.json, table.md, grids/ and cache/")
+    parser.add_argument("--out", default="out/eval",
+                        help="folder of table.json, table.md, grids/ and cache/")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
-                        help="print A - B, prompt by prompt, from two evaluated rows' caches in --out (no sampling)")
+                        help="print A - B, prompt by prompt, from two evaluated rows' caches in "
+                             "--out (no sampling)")
     parser.add_argument("--plot", nargs="+", metavar="RUN_DIR", default=None,
                         help="draw the curves of training runs (their metrics.jsonl) into "
                              "--out/curves.png (or --out, a .png); needs matplotlib")
@@ -116,10 +136,11 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- cache (resume)
 
 def read_cache(cache_dir, settings):
-    """{(task, i, j): result} from an earlier run with the same settings; another run's cache is discarded.
-    A later line of an item replaces an earlier one. Metrics count one column at a time: a run
-    with more or fewer task columns keeps the cache, a task column whose reward spec changed
-    loses its file (<task>.jsonl), and a changed quality metric (deqa) starts the cache over."""
+    """{(task, i, j): result} from an earlier run with the same settings; another run's cache is
+    discarded. A later line of an item replaces an earlier one. Metrics count one column at a
+    time: a run with more or fewer task columns keeps the cache, a task column whose reward spec
+    changed loses its file (<task>.jsonl), and a changed quality metric (deqa) starts the cache
+    over."""
     path = os.path.join(cache_dir, "settings.json")
     specs = settings.get("metric_specs", {})
     if os.path.isfile(path):
@@ -132,7 +153,8 @@ def read_cache(cache_dir, settings):
                          if k not in per_column and old.get(k) != settings.get(k))
         changed += ["deqa metric"] if "deqa" in respecified else []
         if changed:
-            print(f"evaluate: the cache in {cache_dir} was made with other {', '.join(changed)}: starting it over")
+            print(f"evaluate: the cache in {cache_dir} was made with other {', '.join(changed)}: "
+                  "starting it over")
             shutil.rmtree(cache_dir)
         else:
             for column in respecified:  # that column's images are scored again
@@ -151,14 +173,16 @@ def read_cache(cache_dir, settings):
         path = os.path.join(cache_dir, name)
         entries = read_cache_file(path)
         done.update({(name[:-len(".jsonl")], r["i"], r["j"]): r for _, r in entries})
-        with open(path + ".tmp", "w") as f:  # without the broken line, so appending starts on a fresh line
+        # without the broken line, so appending starts on a fresh line
+        with open(path + ".tmp", "w") as f:
             f.writelines(line for line, _ in entries)
         os.replace(path + ".tmp", path)
     return done
 
 
 def read_cache_file(path):
-    """[(line, result)] of one task's cache file, in order, without the half-written last line of a killed run."""
+    """[(line, result)] of one task's cache file, in order, without the half-written last line of
+    a killed run."""
     entries = []
     with open(path) as f:
         for line in f:
@@ -180,7 +204,8 @@ def append_cache(cache_dir, results):
         by_task.setdefault(r["task"], []).append(r)
     for task, rows in by_task.items():
         with open(os.path.join(cache_dir, f"{task}.jsonl"), "a") as f:
-            f.writelines(json.dumps({k: v for k, v in r.items() if k != "task"}) + "\n" for r in rows)
+            f.writelines(json.dumps({k: v for k, v in r.items() if k != "task"}) + "\n"
+                         for r in rows)
             f.flush()
 
 
@@ -190,7 +215,8 @@ def read_results(out_dir, name):
     """Per-image results of an evaluated row, from its cache: {(task, i, j): result}."""
     cache_dir = os.path.join(out_dir, "cache", cache_name(name))
     if not os.path.isdir(cache_dir):
-        raise FileNotFoundError(f"no evaluation of {name!r} in {out_dir} (no {cache_dir}); evaluate it first")
+        raise FileNotFoundError(f"no evaluation of {name!r} in {out_dir} (no {cache_dir}); "
+                                "evaluate it first")
     results = {}
     for file in sorted(f for f in os.listdir(cache_dir) if f.endswith(".jsonl")):
         task = file[:-len(".jsonl")]
@@ -208,7 +234,8 @@ def paired_difference(out_dir, a, b):
     ra, rb = read_results(out_dir, a), read_results(out_dir, b)
     both = sorted(set(ra) & set(rb))
     if not both:
-        raise ValueError(f"rows {a!r} and {b!r} have no image in common (other tasks, splits or --limit?)")
+        raise ValueError(f"rows {a!r} and {b!r} have no image in common "
+                         "(other tasks, splits or --limit?)")
     if any(ra[k]["prompt"] != rb[k]["prompt"] for k in both):
         raise ValueError(f"rows {a!r} and {b!r} were evaluated on different prompt files")
     diffs = [{**ra[k], "scores": {c: ra[k]["scores"][c] - rb[k]["scores"][c]
@@ -216,15 +243,17 @@ def paired_difference(out_dir, a, b):
     return {"model": f"{a} - {b}", **rewards.summarize(diffs)}
 
 
-# ----------------------------------------------------------------------------- the in-process entry point
+# ----------------------------------------------------------------------- the in-process entry point
 
-def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resolution=512, max_sequence_length=256,
-             shift=3.0, batch_size=16, images_per_prompt=1, device="cpu", mixed_precision=None, cache_dir=None,
-             settings=None, progress=True, quality_tasks=None):
-    """Score the pipeline's transformer (with its active adapters) on `prompts`; returns the table row.
+def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resolution=512,
+             max_sequence_length=256, shift=3.0, batch_size=16, images_per_prompt=1, device="cpu",
+             mixed_precision=None, cache_dir=None, settings=None, progress=True,
+             quality_tasks=None):
+    """Score the pipeline's transformer (with its active adapters) on `prompts`; returns the
+    table row.
 
-    prompts: common.Prompt list (common.load_prompts); a prompt's index counts within its task, so the
-    same prompt list gives every model the same noise. metrics: {column: details function}, as
+    prompts: common.Prompt list (common.load_prompts); a prompt's index counts within its task, so
+    the same prompt list gives every model the same noise. metrics: {column: details function}, as
     load_metric returns; the column named like a task scores that task's images, 'deqa' scores
     those of quality_tasks (None: all).
     Under torchrun each rank samples a strided share; every rank gets the row. With cache_dir,
@@ -236,7 +265,8 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     items = common.eval_items(prompts, images_per_prompt)
     settings = {"seed": seed, "steps": steps, "cfg": guidance_scale, "resolution": resolution,
-                "max_sequence_length": max_sequence_length, "shift": shift, "metrics": sorted(metrics), **(settings or {})}
+                "max_sequence_length": max_sequence_length, "shift": shift,
+                "metrics": sorted(metrics), **(settings or {})}
     done = read_cache(cache_dir, settings) if cache_dir and rank == 0 else {}
 
     def needed(task):  # the columns that score a task's images
@@ -259,8 +289,9 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
         batch = [items[k] for k in mine[r * batch_size:(r + 1) * batch_size]]
         results = []
         if batch:
-            images = common.generate_items(pipe, batch, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
-                                    batch_size, device, mixed_precision)
+            images = common.generate_items(pipe, batch, seed, steps, guidance_scale, resolution,
+                                           max_sequence_length, shift, batch_size, device,
+                                           mixed_precision)
             scored = rewards.score_items(metrics, batch, images, quality_tasks)
             results = [{"task": it.task, **res} for it, res in zip(batch, scored)]
         results = [res for part in common.gather_objects(results, "gathering the scored images")
@@ -281,26 +312,30 @@ def evaluate(pipe, prompts, metrics, seed=0, steps=40, guidance_scale=4.5, resol
     return common.gather_objects(row, "receiving rank 0's table row")[0]
 
 
-def save_grids(pipe, prompts, out_dir, name, count, seed, steps, guidance_scale, resolution, max_sequence_length,
-               shift, batch_size, device, mixed_precision=None):
-    """<out>/grids/<task>/<name>.png: image 0 of the first `count` prompts of each task, in one row, with
-    the evaluation's own noise: the same images as scored, and the same noise for every model."""
+def save_grids(pipe, prompts, out_dir, name, count, seed, steps, guidance_scale, resolution,
+               max_sequence_length, shift, batch_size, device, mixed_precision=None):
+    """<out>/grids/<task>/<name>.png: image 0 of the first `count` prompts of each task, in one
+    row, with the evaluation's own noise: the same images as scored, and the same noise for every
+    model."""
     items = [it for it in common.eval_items(prompts) if it.i < count]
-    images = common.generate_items(pipe, items, seed, steps, guidance_scale, resolution, max_sequence_length, shift,
-                            batch_size, device, mixed_precision)
-    zoom = max(1, 128 // images.shape[-1])  # nearest-neighbour, so that toy images (32 px) stay visible
+    images = common.generate_items(pipe, items, seed, steps, guidance_scale, resolution,
+                                   max_sequence_length, shift, batch_size, device, mixed_precision)
+    # nearest-neighbour, so that toy images (32 px) stay visible
+    zoom = max(1, 128 // images.shape[-1])
     images = images.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
     for task in dict.fromkeys(it.task for it in items):
         idx = [k for k, it in enumerate(items) if it.task == task]
         os.makedirs(os.path.join(out_dir, "grids", task), exist_ok=True)
-        common.save_grid(images[idx], os.path.join(out_dir, "grids", task, f"{name}.png"), nrow=len(idx))
+        common.save_grid(images[idx], os.path.join(out_dir, "grids", task, f"{name}.png"),
+                         nrow=len(idx))
 
 
 # ----------------------------------------------------------------------------- the table
 
 def write_table(out_dir, row):
     """Put `row` into <out>/table.json (replacing the row of the same model) and rewrite table.md.
-    Evaluations of several models into one folder may finish together: the update holds a file lock."""
+    Evaluations of several models into one folder may finish together: the update holds a file
+    lock."""
     path = os.path.join(out_dir, "table.json")
     with open(os.path.join(out_dir, "table.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -313,7 +348,8 @@ def write_table(out_dir, row):
             rows[names.index(row["model"])] = row
         else:
             rows.append(row)
-        for name, text in (("table.json", json.dumps({"rows": rows}, indent=1)), ("table.md", markdown(rows))):
+        for name, text in (("table.json", json.dumps({"rows": rows}, indent=1)),
+                           ("table.md", markdown(rows))):
             with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
                 f.write(text + "\n")
             os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
@@ -336,7 +372,8 @@ def markdown(rows):
              "|---" * (len(columns) + 1) + "|"]
     lines += ["| " + " | ".join([r["model"]] + [cell(r, key) for key, _ in columns]) + " |"
               for r in rows]
-    lines += ["", "Scores ± standard error over prompts. Average = mean(GenEval, OCR, DeQA / 5, PickScore / 26)."]
+    lines += ["", "Scores ± standard error over prompts. Average = mean(GenEval, OCR, DeQA / 5, "
+                  "PickScore / 26)."]
     if extra:
         lines[-1] += (f" After Average, other prompt sets ({', '.join(extra)}): "
                       "in neither DeQA nor the Average.")
@@ -434,23 +471,26 @@ def plot_runs(run_dirs, path):
 # ----------------------------------------------------------------------------- the script
 
 def select_tasks(spec, root, specs):
-    """--tasks -> task list; 'all' = the data root's tasks that have a metric (DeQA is not a prompt set)."""
+    """--tasks -> task list; 'all' = the data root's tasks that have a metric (DeQA is not a prompt
+    set)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--data-root {root!r} does not exist; expected Flow-GRPO's dataset/ layout "
-                                "(<root>/<task>/test.txt or test_metadata.jsonl)")
+        raise FileNotFoundError(f"--data-root {root!r} does not exist; expected Flow-GRPO's "
+                                "dataset/ layout (<root>/<task>/test.txt or test_metadata.jsonl)")
     known = common.parse_tasks("all", root)
     scored = sorted(set(specs) - {"deqa"})
     if spec == "all":
         tasks = [t for t in known if t in scored]
         if not tasks:
-            raise ValueError(f"--data-root {root!r} has none of the tasks {scored} (it has {known})")
+            raise ValueError(f"--data-root {root!r} has none of the tasks {scored} "
+                             f"(it has {known})")
         return tasks
     tasks = common.parse_tasks(spec, root)
     for task in tasks:
         if task not in known:
             raise ValueError(f"unknown task {task!r}: --data-root {root!r} has tasks {known}")
         if task not in scored:
-            raise ValueError(f"no metric for task {task!r}: pass --metrics {task}=REWARD (columns with one: {scored})")
+            raise ValueError(f"no metric for task {task!r}: pass --metrics {task}=REWARD "
+                             f"(columns with one: {scored})")
     return tasks
 
 
@@ -483,19 +523,22 @@ def parse_extra_tasks(spec, root):
 
 
 def load_adapters(transformer, loras, paths=None):
-    """Attach LoRAs given as (state, config) (common.read_lora), all active together; [] = the base model.
+    """Attach LoRAs given as (state, config) (common.read_lora), all active together; [] = the
+    base model.
     paths: where they came from, named in errors."""
     names = []
     for k, (state, config) in enumerate(loras):
         names.append(f"eval_{k}")
-        common.add_lora_from_state(transformer, names[-1], state, config, source=paths[k] if paths else None)
+        common.add_lora_from_state(transformer, names[-1], state, config,
+                                   source=paths[k] if paths else None)
     if names:
         transformer.set_adapters(names)
     return names
 
 
 def weights_id(transformer):
-    """sha1 of the LoRA weights: a retrained adapter at the same path must not reuse the old cache."""
+    """sha1 of the LoRA weights: a retrained adapter at the same path must not reuse the old
+    cache."""
     digest = hashlib.sha1()
     for n, p in sorted(transformer.named_parameters()):
         if "lora_" in n:
@@ -517,7 +560,8 @@ def main(args):
         return row
     ddp = common.setup_distributed(args.device, args.threads, args.ddp_timeout)
     args = common.resolve_model_args(args)
-    common.check_positive(steps=args.steps, batch_size=args.batch_size, images_per_prompt=args.images_per_prompt,
+    common.check_positive(steps=args.steps, batch_size=args.batch_size,
+                          images_per_prompt=args.images_per_prompt,
                           **({"limit": args.limit} if args.limit is not None else {}))
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip() and a.strip() != "base"]
     name = args.name or ("+".join(adapters) if adapters else "base")
@@ -546,9 +590,10 @@ def main(args):
 
     pipe = common.load_stage_pipeline(args, ddp.device)
     load_adapters(pipe.transformer, loras, adapters)
-    sampling = dict(seed=args.seed, steps=args.steps, guidance_scale=args.cfg, resolution=args.resolution,
-                    max_sequence_length=args.max_sequence_length, shift=args.shift, batch_size=args.batch_size,
-                    device=ddp.device, mixed_precision=args.mixed_precision)
+    sampling = dict(seed=args.seed, steps=args.steps, guidance_scale=args.cfg,
+                    resolution=args.resolution, max_sequence_length=args.max_sequence_length,
+                    shift=args.shift, batch_size=args.batch_size, device=ddp.device,
+                    mixed_precision=args.mixed_precision)
     settings = {"model": args.model, "adapters": adapters, "weights": weights_id(pipe.transformer),
                 "metric_specs": {c: specs[c] for c in metrics}, "split": args.split,
                 "mixed_precision": args.mixed_precision}
@@ -558,8 +603,9 @@ def main(args):
     generated = row.pop("generated")
     row = {"model": name, **row, "metrics": settings["metric_specs"], "extra_tasks": extra,
            "adapters": adapters,
-           "settings": {"steps": args.steps, "cfg": args.cfg, "resolution": args.resolution, "seed": args.seed,
-                        "split": args.split, "limit": args.limit, "images_per_prompt": args.images_per_prompt}}
+           "settings": {"steps": args.steps, "cfg": args.cfg, "resolution": args.resolution,
+                        "seed": args.seed, "split": args.split, "limit": args.limit,
+                        "images_per_prompt": args.images_per_prompt}}
     if ddp.is_main:
         grid_missing = any(not os.path.isfile(os.path.join(args.out, "grids", t,
                                                            f"{file_name}.png"))

@@ -1,8 +1,8 @@
 """Score a model on the paper's benchmarks and add its row to a side-by-side table.
 
-    python evaluate.py --model stabilityai/stable-diffusion-3.5-medium --name base \
+    python evaluate.py --model stabilityai/stable-diffusion-3.5-medium --name base \\
         --data-root dataset
-    torchrun --nproc_per_node 8 evaluate.py --adapters out/opd/final --name flow-opd \
+    torchrun --nproc_per_node 8 evaluate.py --adapters out/opd/final --name flow-opd \\
         --data-root dataset
 
 The protocol is the paper's (Flow-GRPO's): ODE sampling (noise level 0), 40 steps, CFG 4.5, one
@@ -46,8 +46,8 @@ column whose metric reports GenEval's per-image `correct` (and `tag`) is GenEval
 its name: strict accuracy per tag, averaged over tags, with its tags in table.json as
 <NAME>_tags (GenEval's own: geneval_tags) and in table.md's per-tag tables.
 
-    python evaluate.py --adapters out/opd/final --name flow-opd --extra-tasks \
-        unseen=dataset/geneval_unseen_objects,color=T2I-CompBench/dataset_val/color_val.txt \
+    python evaluate.py --adapters out/opd/final --name flow-opd --extra-tasks \\
+        unseen=dataset/geneval_unseen_objects,color=T2I-CompBench/dataset_val/color_val.txt \\
         --metrics unseen=geneval,color=url:http://127.0.0.1:18090
 
 A model folder can name its own metrics in its flow_opd.json ("metrics": {column: reward spec},

@@ -1,8 +1,8 @@
 """Stage 3: Flow-OPD, multi-teacher on-policy distillation with Manifold Anchor Regularization.
 
     torchrun --nproc_per_node 8 opd.py --init merge --mar 0.1          # the paper's run on SD3.5-M
-    python opd.py --model out/toy/base --data-root out/toy/data \
-        --teachers geneval=...,ocr=...,pickscore=... \
+    python opd.py --model out/toy/base --data-root out/toy/data \\
+        --teachers geneval=...,ocr=...,pickscore=... \\
         --mar-teacher out/toy/teacher-deqa/final --out out/toy/opd      # the toy world
 
 Per step (paper, section 5):

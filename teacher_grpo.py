@@ -1,9 +1,9 @@
 """Stage 1: Flow-GRPO. Trains one LoRA teacher on one task's prompts with one reward; given several
 tasks (and each task's reward) it is the paper's mixed-reward GRPO baseline.
 
-    python teacher_grpo.py --model out/toy/base --data-root out/toy/data --tasks ocr \
+    python teacher_grpo.py --model out/toy/base --data-root out/toy/data --tasks ocr \\
         --reward toy:reward_ocr --out out/teacher-ocr
-    torchrun --nproc_per_node 8 teacher_grpo.py --data-root dataset --tasks ocr \
+    torchrun --nproc_per_node 8 teacher_grpo.py --data-root dataset --tasks ocr \\
         --out out/teacher-ocr
 
 Per step (Flow-GRPO): SDE rollouts of G images per prompt with CFG, log-probs kept; rewards;

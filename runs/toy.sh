@@ -55,6 +55,10 @@ else
   EVAL=(--steps 20 --batch-size 64)
 fi
 COMMON=(--model "$OUT/base" --data-root "$OUT/data" --threads 1 --seed 0)
+# the out-of-distribution split (toy.py: combinations no training prompt has), as extra columns
+D="$OUT/data"
+OOD=(--extra-tasks "geneval_ood=$D/geneval/ood_metadata.jsonl,ocr_ood=$D/ocr/ood.txt,pickscore_ood=$D/pickscore/ood.txt"
+     --metrics "geneval_ood=toy:reward_geneval,ocr_ood=toy:reward_ocr,pickscore_ood=toy:reward_pickscore")
 TRAIN=(--steps 10 --save-every 10 --eval-every 10 --micro-batch 32 --resume auto)
 start=$SECONDS
 wait_all() {  # wait for every background job; fail if any failed (plain `wait` would hide it)
@@ -85,7 +89,7 @@ evaluate() {  # evaluate NAME [EXTRA...]: the base model, or the LoRA in OUT/NAM
   local name=$1 adapter=(); shift
   [ "$name" = base ] || adapter=(--adapters "$OUT/$name/final")
   echo "== eval $name"
-  python evaluate.py "${COMMON[@]}" --out "$OUT" --name "$name" "${adapter[@]}" "${EVAL[@]}" "$@" \
+  python evaluate.py "${COMMON[@]}" --out "$OUT" --name "$name" "${adapter[@]}" "${EVAL[@]}" "${OOD[@]}" "$@" \
     > "$OUT/eval-$name.log" 2>&1 || { echo "eval $name failed; see $OUT/eval-$name.log" >&2; return 1; }
 }
 

@@ -34,11 +34,17 @@ def step_time(out, name):
 def diff(out, a, b, column):
     """(A - B, its paired s.e.) on one column."""
     row = evaluate.paired_difference(out, a, b)
-    return row[column], row["stderr"][column]
+    se = row["stderr"][column]
+    return row[column], float("nan") if se is None else se  # None: one prompt (a smoke test)
 
 
 def fmt(d, se):
     return f"{d:+.3f} ± {se:.3f}"
+
+
+def ratio(a, b):
+    """a / b, or nan when b is 0 (a smoke test's teacher can score 0)."""
+    return a / b if b else float("nan")
 
 
 def student_lines(out, rows, student, mix):
@@ -48,28 +54,29 @@ def student_lines(out, rows, student, mix):
         teacher = f"teacher-{task}"
         if teacher not in rows:
             continue
-        ratio = rows[student][task] / rows[teacher][task]
+        r = ratio(rows[student][task], rows[teacher][task])
         d, se = diff(out, student, teacher, task)
-        ok.append(ratio >= 0.97)
-        verdict = "above, by >= 2 s.e." if d > 0 and d >= 2 * se else ("yes" if ratio >= 0.97 else "no")
-        lines.append(f"| {student} vs {teacher} on {task} | {ratio:.3f}x | {fmt(d, se)} | "
+        ok.append(r >= 0.97)
+        verdict = "above, by >= 2 s.e." if d > 0 and d >= 2 * se else ("yes" if r >= 0.97 else "no")
+        lines.append(f"| {student} vs {teacher} on {task} | {r:.3f}x | {fmt(d, se)} | "
                      f">= 0.97x: {verdict} |")
     d, se = diff(out, student, "base", "deqa")
     ok.append(d >= -se)
-    lines.append(f"| {student} vs base on deqa | {rows[student]['deqa'] / rows['base']['deqa']:.3f}x | "
+    lines.append(f"| {student} vs base on deqa | {ratio(rows[student]['deqa'], rows['base']['deqa']):.3f}x | "
                  f"{fmt(d, se)} | not below by > 1 s.e.: {'yes' if d >= -se else 'no'} |")
     if mix in rows:
         d, se = diff(out, student, mix, "average")
         ok.append(d >= 2 * se)
         lines.append(f"| {student} vs {mix} on average | "
-                     f"{rows[student]['average'] / rows[mix]['average']:.3f}x | {fmt(d, se)} | "
+                     f"{ratio(rows[student]['average'], rows[mix]['average']):.3f}x | {fmt(d, se)} | "
                      f"above by >= 2 s.e.: {'yes' if d >= 2 * se else 'no'} |")
     return lines, all(ok)
 
 
 def fast_lines(out, rows, fast, full):
-    ratios = {t: rows[fast][t] / rows[f"teacher-{t}"][t] for t in TASKS if f"teacher-{t}" in rows}
-    avg = rows[fast]["average"] / rows[full]["average"]
+    ratios = {t: ratio(rows[fast][t], rows[f"teacher-{t}"][t]) for t in TASKS
+              if f"teacher-{t}" in rows}
+    avg = ratio(rows[fast]["average"], rows[full]["average"])
     d, se = diff(out, fast, full, "average")
     times = step_time(out, fast), step_time(out, full)
     cost = times[0] / times[1] if None not in times else float("nan")

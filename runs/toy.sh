@@ -35,19 +35,20 @@ if [ "$QUICK" = 1 ]; then
   EVAL=(--limit 8 --steps 10)
 else
   WORLD=()
-  # Why these settings (each measured, with its command, in docs/toy_results.md):
-  # lr 1e-3: the paper's 3e-4 does not move the toy's rewards in 40 steps, larger ones collapse
-  # them. --timestep-fraction 0.5: train on the high-noise half of each rollout, where composition
-  # is decided (more gain per second than all steps). --sde-window trained: noise only on the
-  # trained steps and the ODE after them (MixGRPO): the toy's VAE is the identity, so the noise of
-  # late SDE steps would stay in the rewarded pixels (python runs/sde_window_probe.py). OPD rewards
-  # no final image, so the window cannot change it. 16 prompts per step: 8 left the GenEval teacher
-  # level. --sample-batch: a step's whole batch sampled and decoded in one pass, as the table was
-  # made (other chunk sizes need not give bit-identical floats on a CPU).
+  # Why these settings (each measured, with its command, in docs/toy_results.md). GRPO: lr 1e-3:
+  # the paper's 3e-4 does not move the toy's rewards in 40 steps, larger ones collapse them.
+  # --timestep-fraction 0.5: train on the high-noise half of each rollout, where composition is
+  # decided (more gain per second than all steps). --sde-window trained: noise only on the trained
+  # steps and the ODE after them (MixGRPO): the toy's VAE is the identity, so the noise of late SDE
+  # steps would stay in the rewarded pixels (python runs/sde_window_probe.py). 16 prompts per step:
+  # 8 left the GenEval teacher level. --sample-batch: a step's whole batch sampled and decoded in
+  # one pass, as the table was made (other chunk sizes need not give bit-identical floats on a CPU).
   GRPO=(--batch-size 16 --group-size 8 --max-steps 40 --lr 1e-3 --updates-per-step 1
         --timestep-fraction 0.5 --sde-window trained --sample-batch 128)
-  OPD=(--batch-size 8 --group-size 8 --max-steps 20 --lr 3e-3 --updates-per-step 1
-       --timestep-fraction 0.5 --sample-batch 64)
+  # OPD: 60 steps of 8 prompts x 4 samples, supervised on every step of the rollout but the last:
+  # the low-noise steps carry OCR's glyphs, the longer run with fewer samples PickScore's detail
+  OPD=(--batch-size 8 --group-size 4 --max-steps 60 --lr 3e-3 --updates-per-step 1
+       --timestep-fraction 0.99 --sample-batch 32)
   # the fast recipe: K low-noise states per rollout supervised instead of every trained step
   FAST=(--states 2)
   # caption dropout 0.1 keeps more of the base's quality than none
@@ -109,46 +110,43 @@ wait_all
 TEACHERS="geneval=$OUT/teacher-geneval/final,ocr=$OUT/teacher-ocr/final,pickscore=$OUT/teacher-pickscore/final"
 ANCHOR="$OUT/teacher-deqa/final"
 
-# stage 2: cold starts; stage 3: OPD from the merge init, while the other core evaluates what is done
+# stage 2: the merge cold start; then two queues, one per core (a row is evaluated after it trained)
 stage merge-init cold_start.py --init merge --teachers "$TEACHERS"
-stage opd-merge opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 0.1 "${OPD[@]}" "${TRAIN[@]}" &
-{ for row in base teacher-geneval teacher-ocr teacher-pickscore teacher-deqa merge-init; do evaluate "$row"; done; } &
-wait_all
-# the baseline gets OPD's training time (the sum of its step times; loading and checkpoints not counted)
-budget=$(python -c "import json, sys; print(sum(json.loads(l)['step_time'] for l in open(sys.argv[1])) / 60)" \
-         "$OUT/opd-merge/metrics.jsonl")
-stage grpo-mix teacher_grpo.py --tasks all \
-  --reward "geneval=toy:reward_geneval;ocr=toy:reward_ocr;pickscore=toy:reward_pickscore" \
-  --max-minutes "$budget" "${GRPO[@]}" "${TRAIN[@]}" &
-stage sft-init cold_start.py --init sft --teachers "$TEACHERS" --steps 20 --resume auto "${SFT[@]}" &
-wait_all
-stage opd-sft opd.py --init "$OUT/sft-init/final" --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 0.1 "${OPD[@]}" "${TRAIN[@]}" &
-stage opd-merge-no-mar opd.py --init merge --teachers "$TEACHERS" --mar 0 "${OPD[@]}" "${TRAIN[@]}" &
-wait_all
-stage opd-merge-no-routing opd.py --init merge --teachers "$TEACHERS" --route single --single-teacher geneval \
-  --mar-teacher "$ANCHOR" --mar 0.1 "${OPD[@]}" "${TRAIN[@]}" &
-# the unguided student is trained on every step: on the high-noise half only it collapsed
-stage opd-unguided opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 0.1 --student-cfg 1 \
-  "${OPD[@]}" --timestep-fraction 0.99 "${TRAIN[@]}" &
-wait_all
-# the fast recipe, and the claim's second seed: OPD and its GRPO baseline again with --seed 1
-stage opd-fast opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 0.1 "${OPD[@]}" \
-  "${FAST[@]}" "${TRAIN[@]}" &
-stage opd-merge-seed1 opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 0.1 "${OPD[@]}" \
-  "${TRAIN[@]}" --seed 1 &
-wait_all
-budget1=$(python -c "import json, sys; print(sum(json.loads(l)['step_time'] for l in open(sys.argv[1])) / 60)" \
-          "$OUT/opd-merge-seed1/metrics.jsonl")
-
-# MAR's weight: the paper's 0.1 is set for SD3.5-M's KL scale; 2 is the toy's strong setting. One
-# queue per core for it and the other rows.
-{ stage opd-merge-mar2 opd.py --init merge --teachers "$TEACHERS" --mar-teacher "$ANCHOR" --mar 2 "${OPD[@]}" "${TRAIN[@]}"
-  stage grpo-mix-seed1 teacher_grpo.py --tasks all \
-    --reward "geneval=toy:reward_geneval;ocr=toy:reward_ocr;pickscore=toy:reward_pickscore" \
-    --max-minutes "$budget1" "${GRPO[@]}" "${TRAIN[@]}" --seed 1
-  evaluate opd-merge-mar2; evaluate opd-merge-no-routing; evaluate grpo-mix-seed1; evaluate opd-fast; } &
-{ evaluate grpo-mix; evaluate sft-init; evaluate opd-merge; evaluate opd-sft; evaluate opd-merge-no-mar
-  evaluate opd-unguided --cfg 1; evaluate opd-merge-seed1; } &
+opd_minutes() {  # the summed step times of a run: its GRPO baseline gets the same training time
+  python -c "import json, sys; print(sum(json.loads(l)['step_time'] for l in open(sys.argv[1])) / 60)" \
+    "$OUT/$1/metrics.jsonl"
+}
+opd() {  # opd NAME FLAGS...: stage 3, OPD with the recipe's settings and FLAGS
+  stage "$1" opd.py --teachers "$TEACHERS" "${OPD[@]}" "${TRAIN[@]}" "${@:2}"
+}
+MIX="geneval=toy:reward_geneval;ocr=toy:reward_ocr;pickscore=toy:reward_pickscore"
+RECIPE=(--init merge --mar-teacher "$ANCHOR" --mar 0.1)
+{ # stage 3, the recipe; the mixed-reward GRPO baseline given its training time; ablations: MAR off,
+  # one teacher for every prompt, MAR 2 (the paper's 0.1 is set for SD3.5-M's KL scale); the fast
+  # recipe
+  opd opd-merge "${RECIPE[@]}"
+  stage grpo-mix teacher_grpo.py --tasks all --reward "$MIX" --max-minutes "$(opd_minutes opd-merge)" \
+    "${GRPO[@]}" "${TRAIN[@]}"
+  opd opd-merge-no-mar --init merge --mar 0
+  opd opd-merge-no-routing "${RECIPE[@]}" --route single --single-teacher geneval
+  opd opd-merge-mar2 --init merge --mar-teacher "$ANCHOR" --mar 2
+  opd opd-fast "${RECIPE[@]}" "${FAST[@]}"
+  for row in opd-merge grpo-mix opd-merge-no-mar opd-merge-no-routing opd-merge-mar2 opd-fast; do
+    evaluate "$row"
+  done; } &
+{ for row in base teacher-geneval teacher-ocr teacher-pickscore teacher-deqa merge-init; do
+    evaluate "$row"
+  done
+  # the SFT cold start and OPD from it; the claim's second seed (OPD and its GRPO baseline with
+  # --seed 1); the unguided (CFG-absorbed) student
+  stage sft-init cold_start.py --init sft --teachers "$TEACHERS" --steps 20 --resume auto "${SFT[@]}"
+  opd opd-sft --init "$OUT/sft-init/final" --mar-teacher "$ANCHOR" --mar 0.1
+  opd opd-merge-seed1 "${RECIPE[@]}" --seed 1
+  stage grpo-mix-seed1 teacher_grpo.py --tasks all --reward "$MIX" \
+    --max-minutes "$(opd_minutes opd-merge-seed1)" "${GRPO[@]}" "${TRAIN[@]}" --seed 1
+  opd opd-unguided "${RECIPE[@]}" --student-cfg 1
+  for row in sft-init opd-sft opd-merge-seed1 grpo-mix-seed1; do evaluate "$row"; done
+  evaluate opd-unguided --cfg 1; } &
 wait_all
 python runs/toy_claims.py "$OUT" > /dev/null  # the paper's claims, paired: $OUT/claims.md
 

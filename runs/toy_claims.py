@@ -11,6 +11,7 @@ error over prompts). Rows a table lacks are skipped. The checks, as the recipe s
   - opd-fast: step time <= 0.5x opd-merge's, Average >= 0.95x, each teacher ratio >= 0.95x;
   - out of distribution (the *_ood columns): the student against grpo-mix and each teacher.
 """
+import functools
 import json
 import os
 import sys
@@ -31,9 +32,15 @@ def step_time(out, name):
     return times[len(times) // 2] if times else None
 
 
+@functools.lru_cache(maxsize=None)
+def paired(out, a, b):
+    """evaluate.py's paired difference A - B, read from the two rows' caches once per pair."""
+    return evaluate.paired_difference(out, a, b)
+
+
 def diff(out, a, b, column):
     """(A - B, its paired s.e.) on one column."""
-    row = evaluate.paired_difference(out, a, b)
+    row = paired(out, a, b)
     se = row["stderr"][column]
     return row[column], float("nan") if se is None else se  # None: one prompt (a smoke test)
 

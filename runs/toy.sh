@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # The whole Flow-OPD recipe on the toy world, on a CPU, ending in the paper's table.
 #
-#   bash runs/toy.sh [--quick] [OUT_DIR]      # OUT_DIR defaults to out/toy (--quick: out/toy-quick)
+#   bash runs/toy.sh [--all] [--quick] [OUT_DIR]   # OUT_DIR defaults to out/toy (--quick: out/toy-quick)
 #
-# Stages: toy world -> stage 1 teachers (geneval, ocr, pickscore, deqa = DeQA:PickScore 4:6 on all
-# prompts, the MAR anchor) -> grpo-mix baseline -> stage 2 merge / SFT cold starts -> stage 3 OPD,
-# its fast recipe (opd-fast) and its ablations (MAR 0 and 2, one teacher for all prompts, unguided
-# student) -> OPD and grpo-mix again with --seed 1 -> evaluate.py on every model, in distribution
-# and on the out-of-distribution split -> <OUT>/table.md, table.json and claims.md (the paper's
-# claims as paired comparisons, runs/toy_claims.py). Time: docs/toy_results.md.
+# The recipe: toy world -> stage 1 teachers (geneval, ocr, pickscore, deqa = DeQA:PickScore 4:6 on
+# all prompts, the MAR anchor) -> stage 2 merge cold start -> stage 3 OPD (opd-merge), its fast
+# recipe (opd-fast) and the mixed-reward GRPO baseline given the same training time (grpo-mix) ->
+# evaluate.py on every model, in distribution and on the out-of-distribution split ->
+# <OUT>/table.md, table.json and claims.md (the paper's claims as paired comparisons,
+# runs/toy_claims.py).
+# --all then adds the claim's second seed (OPD and grpo-mix with --seed 1) and the ablations (MAR 0
+# and 2, one teacher for every prompt, the SFT cold start, the unguided student) to the same table;
+# `bash runs/toy.sh --all` after `bash runs/toy.sh` reuses the recipe's stages. Times:
+# docs/toy_results.md.
 # Two jobs run side by side with one thread each (2-core machines). A stage is reused only when it
 # finished from the same world with the same flags (runs/stage_stamp.py), and an unfinished one
 # resumes (--resume auto), so a rerun continues where it died. --quick is a smoke test of every
-# stage on a tiny world, not a result: its table says so.
+# stage (it implies --all) on a tiny world, not a result: its table says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
+ALL=0
 OUT=
 for arg in "$@"; do
   case "$arg" in
-    --quick) QUICK=1 ;;
-    -*) echo "unknown option $arg; usage: bash runs/toy.sh [--quick] [OUT_DIR]" >&2; exit 2 ;;
+    --quick) QUICK=1; ALL=1 ;;
+    --all) ALL=1 ;;
+    -*) echo "unknown option $arg; usage: bash runs/toy.sh [--all] [--quick] [OUT_DIR]" >&2; exit 2 ;;
     *) OUT="$arg" ;;
   esac
 done
@@ -31,6 +37,7 @@ if [ "$QUICK" = 1 ]; then
   GRPO=(--batch-size 2 --group-size 4 --max-steps 2 --sde-window trained)
   OPD=(--batch-size 2 --group-size 4 --max-steps 2)
   FAST=(--states 1)
+  MIX_STEPS=2
   SFT=(--max-prompts 8 --max-steps 4 --batch-size 8 --caption-dropout 0.1 --sample-batch 16)
   EVAL=(--limit 8 --steps 10)
 else
@@ -51,6 +58,10 @@ else
        --timestep-fraction 0.99 --sample-batch 32)
   # the fast recipe: K low-noise states per rollout supervised instead of every trained step
   FAST=(--states 2)
+  # grpo-mix gets opd-merge's training time as a step count: 32 GRPO steps take what 60 OPD steps
+  # take on a 2-core machine (summed step times; claims.md prints both, as measured in the run).
+  # A count, not --max-minutes, so that the table does not depend on the machine's load.
+  MIX_STEPS=32
   # caption dropout 0.1 keeps more of the base's quality than none
   SFT=(--max-prompts 96 --max-steps 150 --batch-size 16 --caption-dropout 0.1 --sample-batch 16)
   EVAL=(--steps 20 --batch-size 64)
@@ -86,11 +97,12 @@ stage() {  # stage NAME SCRIPT ARGS...: reused only when it finished from this w
     || { echo "$name failed; see $OUT/$name.log" >&2; tail -5 "$OUT/$name.log" >&2; return 1; }
   python runs/stage_stamp.py "$OUT/world.json" "$OUT/$name" --done -- "${cmd[@]}"
 }
-evaluate() {  # evaluate NAME [EXTRA...]: the base model, or the LoRA in OUT/NAME/final; same prompts and seeds
-  local name=$1 adapter=(); shift
+evaluate() {  # evaluate NAME [--in-domain] [EXTRA...]: the base model, or the LoRA in OUT/NAME/final
+  local name=$1 adapter=() ood=("${OOD[@]}"); shift  # same prompts and noise for every model
   [ "$name" = base ] || adapter=(--adapters "$OUT/$name/final")
+  if [ "${1:-}" = --in-domain ]; then ood=(); shift; fi  # without the out-of-distribution columns
   echo "== eval $name"
-  python evaluate.py "${COMMON[@]}" --out "$OUT" --name "$name" "${adapter[@]}" "${EVAL[@]}" "${OOD[@]}" "$@" \
+  python evaluate.py "${COMMON[@]}" --out "$OUT" --name "$name" "${adapter[@]}" "${EVAL[@]}" "${ood[@]}" "$@" \
     > "$OUT/eval-$name.log" 2>&1 || { echo "eval $name failed; see $OUT/eval-$name.log" >&2; return 1; }
 }
 
@@ -112,43 +124,48 @@ ANCHOR="$OUT/teacher-deqa/final"
 
 # stage 2: the merge cold start; then two queues, one per core (a row is evaluated after it trained)
 stage merge-init cold_start.py --init merge --teachers "$TEACHERS"
-opd_minutes() {  # the summed step times of a run: its GRPO baseline gets the same training time
-  python -c "import json, sys; print(sum(json.loads(l)['step_time'] for l in open(sys.argv[1])) / 60)" \
-    "$OUT/$1/metrics.jsonl"
-}
 opd() {  # opd NAME FLAGS...: stage 3, OPD with the recipe's settings and FLAGS
   stage "$1" opd.py --teachers "$TEACHERS" "${OPD[@]}" "${TRAIN[@]}" "${@:2}"
 }
-MIX="geneval=toy:reward_geneval;ocr=toy:reward_ocr;pickscore=toy:reward_pickscore"
+MIX=(--tasks all --reward "geneval=toy:reward_geneval;ocr=toy:reward_ocr;pickscore=toy:reward_pickscore"
+     "${GRPO[@]}" "${TRAIN[@]}" --max-steps "$MIX_STEPS")
 RECIPE=(--init merge --mar-teacher "$ANCHOR" --mar 0.1)
-{ # stage 3, the recipe; the mixed-reward GRPO baseline given its training time; ablations: MAR off,
-  # one teacher for every prompt, MAR 2 (the paper's 0.1 is set for SD3.5-M's KL scale); the fast
-  # recipe
-  opd opd-merge "${RECIPE[@]}"
-  stage grpo-mix teacher_grpo.py --tasks all --reward "$MIX" --max-minutes "$(opd_minutes opd-merge)" \
-    "${GRPO[@]}" "${TRAIN[@]}"
-  opd opd-merge-no-mar --init merge --mar 0
-  opd opd-merge-no-routing "${RECIPE[@]}" --route single --single-teacher geneval
-  opd opd-merge-mar2 --init merge --mar-teacher "$ANCHOR" --mar 2
-  opd opd-fast "${RECIPE[@]}" "${FAST[@]}"
-  for row in opd-merge grpo-mix opd-merge-no-mar opd-merge-no-routing opd-merge-mar2 opd-fast; do
-    evaluate "$row"
-  done; } &
+# stage 3 and the evaluations, in two queues, one per core (a row is evaluated after it trained):
+# the recipe, the mixed-reward GRPO baseline, the fast recipe (K low-noise states per rollout)
+{ opd opd-merge "${RECIPE[@]}"
+  stage grpo-mix teacher_grpo.py "${MIX[@]}"
+  evaluate opd-merge
+  evaluate grpo-mix; } &
 { for row in base teacher-geneval teacher-ocr teacher-pickscore teacher-deqa merge-init; do
     evaluate "$row"
   done
-  # the SFT cold start and OPD from it; the claim's second seed (OPD and its GRPO baseline with
-  # --seed 1); the unguided (CFG-absorbed) student
-  stage sft-init cold_start.py --init sft --teachers "$TEACHERS" --steps 20 --resume auto "${SFT[@]}"
-  opd opd-sft --init "$OUT/sft-init/final" --mar-teacher "$ANCHOR" --mar 0.1
-  opd opd-merge-seed1 "${RECIPE[@]}" --seed 1
-  stage grpo-mix-seed1 teacher_grpo.py --tasks all --reward "$MIX" \
-    --max-minutes "$(opd_minutes opd-merge-seed1)" "${GRPO[@]}" "${TRAIN[@]}" --seed 1
-  opd opd-unguided "${RECIPE[@]}" --student-cfg 1
-  for row in sft-init opd-sft opd-merge-seed1 grpo-mix-seed1; do evaluate "$row"; done
-  evaluate opd-unguided --cfg 1; } &
+  opd opd-fast "${RECIPE[@]}" "${FAST[@]}"
+  evaluate opd-fast; } &
 wait_all
 python runs/toy_claims.py "$OUT" > /dev/null  # the paper's claims, paired: $OUT/claims.md
+echo "the recipe finished in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+
+if [ "$ALL" = 1 ]; then
+  # the claim's second seed (OPD and its GRPO baseline with --seed 1); ablations: MAR off, MAR 2
+  # (the paper's 0.1 is set for SD3.5-M's KL scale), one teacher for every prompt, the SFT cold
+  # start, the unguided (CFG-absorbed) student. Ablations are evaluated in distribution only.
+  { opd opd-merge-seed1 "${RECIPE[@]}" --seed 1
+    stage grpo-mix-seed1 teacher_grpo.py "${MIX[@]}" --seed 1
+    evaluate opd-merge-seed1
+    evaluate grpo-mix-seed1
+    opd opd-merge-no-mar --init merge --mar 0
+    evaluate opd-merge-no-mar --in-domain
+    opd opd-merge-mar2 --init merge --mar-teacher "$ANCHOR" --mar 2
+    evaluate opd-merge-mar2 --in-domain; } &
+  { opd opd-merge-no-routing "${RECIPE[@]}" --route single --single-teacher geneval
+    stage sft-init cold_start.py --init sft --teachers "$TEACHERS" --steps 20 --resume auto "${SFT[@]}"
+    opd opd-sft --init "$OUT/sft-init/final" --mar-teacher "$ANCHOR" --mar 0.1
+    opd opd-unguided "${RECIPE[@]}" --student-cfg 1
+    for row in opd-merge-no-routing sft-init opd-sft; do evaluate "$row" --in-domain; done
+    evaluate opd-unguided --in-domain --cfg 1; } &
+  wait_all
+  python runs/toy_claims.py "$OUT" > /dev/null
+fi
 
 if [ "$QUICK" = 1 ]; then  # say it in the table itself, where a reader of the file looks
   { echo "**Smoke test** (\`bash runs/toy.sh --quick\`): every stage for a few steps on a tiny world."

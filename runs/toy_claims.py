@@ -7,7 +7,8 @@ Every comparison is evaluate.py's paired difference (same prompts, same noise; +
 error over prompts). Rows a table lacks are skipped. The checks, as the recipe should meet them:
   - the student reaches >= 0.97x each task teacher on that teacher's task;
   - its DeQA is not below the base's by more than one paired s.e.;
-  - its Average is above grpo-mix's (same training time, same seed) by >= 2 paired s.e.;
+  - its Average is above grpo-mix's (same training time, same seed) by >= 2 paired s.e.; the two
+    runs' summed step times are printed beside it;
   - opd-fast: step time <= 0.5x opd-merge's, Average >= 0.95x, each teacher ratio >= 0.95x;
   - out of distribution (the *_ood columns): the student against grpo-mix and each teacher.
 """
@@ -23,13 +24,18 @@ TASKS = ["geneval", "ocr", "pickscore"]
 OOD = [t + "_ood" for t in TASKS]
 
 
-def step_time(out, name):
-    """Median seconds of a training run's steps (its metrics.jsonl), or None."""
+def step_times(out, name):
+    """Seconds of each step of a training run (its metrics.jsonl), or None."""
     path = os.path.join(out, name, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
-    times = sorted(json.loads(line)["step_time"] for line in open(path) if line.strip())
-    return times[len(times) // 2] if times else None
+    return [json.loads(line)["step_time"] for line in open(path) if line.strip()] or None
+
+
+def step_time(out, name):
+    """Median seconds of a training run's steps, or None."""
+    times = step_times(out, name)
+    return sorted(times)[len(times) // 2] if times else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,6 +78,12 @@ def student_lines(out, rows, student, mix):
     lines.append(f"| {student} vs base on deqa | {ratio(rows[student]['deqa'], rows['base']['deqa']):.3f}x | "
                  f"{fmt(d, se)} | not below by > 1 s.e.: {'yes' if d >= -se else 'no'} |")
     if mix in rows:
+        times = step_times(out, mix), step_times(out, student)
+        if None not in times:  # the baseline's training time, as measured in this run
+            a, b = sum(times[0]), sum(times[1])
+            lines.append(f"| {mix} vs {student}: training time (summed step times) | "
+                         f"{ratio(a, b):.2f}x | {a:.0f} s vs {b:.0f} s | "
+                         f"the same within 10%: {'yes' if abs(a / b - 1) <= 0.1 else 'no'} |")
         d, se = diff(out, student, mix, "average")
         ok.append(d >= 2 * se)
         lines.append(f"| {student} vs {mix} on average | "

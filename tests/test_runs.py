@@ -65,7 +65,7 @@ def test_claims_are_paired_comparisons_of_the_table(tmp_path):
             "grpo-mix": ([0, 1, 1, 0], [.3] * 4, [11.0] * 4, d),
             "opd-merge": ([1, 0, 1, 0], [.5, .5, .5, .5], [14, 14, 14, 14], [3.9, 4.2, 4.4, 4.6]),
             "opd-fast": ([1, 0, 1, 0], [.5, .4, .5, .5], [14, 14, 13, 14], d)}
-    times = {"opd-merge": 10.0, "opd-fast": 4.0}
+    times = {"opd-merge": 10.0, "opd-fast": 4.0, "grpo-mix": 10.5}
     table = []
     for name, values in rows.items():
         write_row(tmp_path, name, *values, step_time=times.get(name))
@@ -83,6 +83,9 @@ def test_claims_are_paired_comparisons_of_the_table(tmp_path):
     # Average (0.5 + 0.5 + 4.275 / 5 + 14 / 26) / 4 = 0.598 vs (0.5 + 0.3 + 0.86 + 11 / 26) / 4 = 0.521;
     # its s.e. is GenEval's (differences 1, -1, 0, 0: 0.408) / 4, the others' nearly 0
     assert "| opd-merge vs grpo-mix on average | 1.149x | +0.078 ± 0.102 | above by >= 2 s.e.: no |" in text
+    # the baseline's training time beside it: 3 steps of 10.5 s vs 3 of 10 s
+    assert ("| grpo-mix vs opd-merge: training time (summed step times) | 1.05x | 32 s vs 30 s | "
+            "the same within 10%: yes |") in text
     assert "| opd-fast vs opd-merge: step time (median) | 0.40x | 4.0 s vs 10.0 s | <= 0.5x: yes |" in text
     assert "opd-fast vs each teacher on its task | geneval 1.000x, ocr 0.950x, pickscore 0.982x" in text
     assert "- opd-merge: not every check holds" in text and "- opd-fast: every check holds" in text

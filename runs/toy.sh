@@ -73,6 +73,7 @@ OOD=(--extra-tasks "geneval_ood=$D/geneval/ood_metadata.jsonl,ocr_ood=$D/ocr/ood
      --metrics "geneval_ood=toy:reward_geneval,ocr_ood=toy:reward_ocr,pickscore_ood=toy:reward_pickscore")
 TRAIN=(--steps 10 --save-every 10 --eval-every 10 --micro-batch 32 --resume auto)
 start=$SECONDS
+elapsed() { echo "$(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"; }
 wait_all() {  # wait for every background job; fail if any failed (plain `wait` would hide it)
   local rc=0 pid
   for pid in $(jobs -p); do wait "$pid" || rc=1; done
@@ -143,7 +144,7 @@ RECIPE=(--init merge --mar-teacher "$ANCHOR" --mar 0.1)
   evaluate opd-fast; } &
 wait_all
 python runs/toy_claims.py "$OUT" > /dev/null  # the paper's claims, paired: $OUT/claims.md
-echo "the recipe finished in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+echo "the recipe finished in $(elapsed)"
 
 if [ "$ALL" = 1 ]; then
   # the claim's second seed (OPD and its GRPO baseline with --seed 1); ablations: MAR off, MAR 2
@@ -173,4 +174,4 @@ if [ "$QUICK" = 1 ]; then  # say it in the table itself, where a reader of the f
     > "$OUT/table.md.tmp" && mv "$OUT/table.md.tmp" "$OUT/table.md"
 fi
 cat "$OUT/table.md" "$OUT/claims.md"
-echo "runs/toy.sh finished in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s; table: $OUT/table.json"
+echo "runs/toy.sh finished in $(elapsed); table: $OUT/table.json"

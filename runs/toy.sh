@@ -156,14 +156,13 @@ if [ "$ALL" = 1 ]; then
     evaluate grpo-mix-seed1
     opd opd-merge-no-mar --init merge --mar 0
     evaluate opd-merge-no-mar --in-domain
-    opd opd-merge-mar2 --init merge --mar-teacher "$ANCHOR" --mar 2
-    evaluate opd-merge-mar2 --in-domain; } &
+    opd opd-unguided "${RECIPE[@]}" --student-cfg 1
+    evaluate opd-unguided --in-domain --cfg 1; } &
   { opd opd-merge-no-routing "${RECIPE[@]}" --route single --single-teacher geneval
     stage sft-init cold_start.py --init sft --teachers "$TEACHERS" --steps 20 --resume auto "${SFT[@]}"
     opd opd-sft --init "$OUT/sft-init/final" --mar-teacher "$ANCHOR" --mar 0.1
-    opd opd-unguided "${RECIPE[@]}" --student-cfg 1
-    for row in opd-merge-no-routing sft-init opd-sft; do evaluate "$row" --in-domain; done
-    evaluate opd-unguided --in-domain --cfg 1; } &
+    opd opd-merge-mar2 --init merge --mar-teacher "$ANCHOR" --mar 2
+    for row in opd-merge-no-routing sft-init opd-sft opd-merge-mar2; do evaluate "$row" --in-domain; done; } &
   wait_all
   python runs/toy_claims.py "$OUT" > /dev/null
 fi

@@ -18,6 +18,7 @@ import argparse
 import functools
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -84,6 +85,12 @@ def validate(args, tasks, teachers):
         common.route(tasks, teachers)
     if args.mar > 0 and not args.mar_teacher:
         raise ValueError("--mar > 0 needs an anchor: --mar-teacher ADAPTER or --mar-teacher base")
+    if args.loss == "pg" and args.mar > 0:
+        # pg's expected gradient is grad KL_t / D (docs/design.md), MAR's is |dt| grad KL_t: at the same
+        # beta the anchor outweighs the teachers by about D |dt| (measured: docs/toy_results.md)
+        warnings.warn(f"--loss pg with --mar {args.mar}: the pg gradient is 1/D of the kl form's (D latent "
+                      "elements per image) while MAR keeps the kl form, so the anchor dominates and the student "
+                      "drifts to it; use --loss kl, or scale --mar down by about D")
     for name, path in [*teachers.items(),
                        ("mar-teacher", args.mar_teacher if args.mar > 0 else "base")]:
         if path != "base" and not os.path.exists(path) and (path.startswith((".", "/", "~"))

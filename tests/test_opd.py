@@ -1,4 +1,5 @@
 """opd.py on the tiny model, and the (OPD) objectives against the reverse-KL gradient they estimate."""
+import contextlib
 import json
 import os
 import subprocess
@@ -33,7 +34,9 @@ def _rows(out):
 
 @pytest.mark.parametrize("loss", ["pg", "kl", "mse"])
 def test_each_loss_trains_the_student_only(tiny_model, world, tmp_path, loss):
-    opd.main(opd.parse_args(_argv(tiny_model, world, tmp_path, "--loss", loss)))
+    # pg with MAR's kl form (the default --mar 0.1) is lopsided by ~D: the run says so
+    with pytest.warns(UserWarning, match="1/D") if loss == "pg" else contextlib.nullcontext():
+        opd.main(opd.parse_args(_argv(tiny_model, world, tmp_path, "--loss", loss)))
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [0, 1]
     assert all(k in rows[0] for k in ("loss", "mar_kl", "step_time")) and any(k.startswith("kl/") for k in rows[0])
